@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine:
+#   make serve   - a local router + prefill + decode on a generated demo model (CPU or GPU)
+#   make test    - the CI suite (CPU only)
+# Both create .venv on first use. Where a CUDA torch is already installed for python3, the venv
+# sees it (--system-site-packages); otherwise it gets torch==2.13.0, the CPU build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tandem-installed
+
+.PHONY: serve test venv proto clean lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
+	    echo "[make] CUDA torch found for $(PYTHON): creating $(VENV) with system site-packages"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    echo "[make] creating $(VENV) (CPU torch==2.13.0)"; \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(PIP) install -q --upgrade pip
+	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m tandem.proto_gen
+
+serve: $(STAMP)
+	$(VENV)/bin/tandem serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
