@@ -1,0 +1,123 @@
+"""The Llama-family transformer (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+Input is one flat batch of tokens from many sequences (`positions` says where each sits in its
+sequence); attention reads and writes the paged cache through an `AttentionBackend` that was
+planned for this step. Numerics follow transformers' implementation step for step (RMSNorm in
+float32 then cast, rotary tables in float32, residual adds in the model dtype) so outputs can be
+compared with it token for token. Q/K/V and gate/up projections are fused into one matrix each at
+load time: fewer, larger GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.engine.config import ModelConfig, RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.type == "linear":
+        inv = inv / rope.factor
+    elif rope.type == "llama3":
+        old = rope.original_max_position_embeddings or 8192
+        low_wl, high_wl = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim] (halves repeated)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device, dtype):
+        super().__init__()
+        self.idx = layer_idx
+        self.cfg = cfg
+        h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        e = dict(device=device, dtype=dtype)
+        self.input_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
+        self.qkv = nn.Parameter(torch.empty(q + 2 * kv, h, **e), requires_grad=False)
+        self.qkv_bias = (nn.Parameter(torch.empty(q + 2 * kv, **e), requires_grad=False)
+                         if cfg.qkv_bias else None)
+        self.q_norm = nn.Parameter(torch.empty(cfg.head_dim, **e), requires_grad=False) if cfg.qk_norm else None
+        self.k_norm = nn.Parameter(torch.empty(cfg.head_dim, **e), requires_grad=False) if cfg.qk_norm else None
+        self.o_proj = nn.Parameter(torch.empty(h, q, **e), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.empty(2 * i, h, **e), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(h, i, **e), requires_grad=False)
+
+    def forward(self, x, cos, sin, kv_cache, attn):
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        residual = x
+        x = rms_norm(x, self.input_norm, eps)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        n = x.shape[0]
+        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, eps)
+            k = rms_norm(k, self.k_norm, eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        o = attn.forward(self.idx, q, k, v, kv_cache)
+        x = residual + F.linear(o.reshape(n, cfg.q_size), self.o_proj)
+        residual = x
+        x = rms_norm(x, self.post_norm, eps)
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return residual + F.linear(F.silu(gate) * up, self.down)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, device, dtype, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        e = dict(device=device, dtype=dtype)
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **e), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, **e), requires_grad=False)
+        self.lm_head = (self.embed if cfg.tie_word_embeddings else
+                        nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **e), requires_grad=False))
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # Stored already cast, as transformers casts cos/sin to the activations' dtype.
+        self.register_buffer("cos", emb.cos().to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
+                attn) -> torch.Tensor:
+        """Hidden states (after the final norm) of every input token."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_caches[layer.idx], attn)
+            attn.after_layer(layer.idx)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
