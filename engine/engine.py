@@ -266,8 +266,19 @@ class LLM:
     """Offline batch generation: ``LLM(model_dir).generate(prompts, SamplingParams(...))``."""
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, **kwargs):
-        self.engine = LLMEngine(config or EngineConfig(model=model, **kwargs))
-        self.tokenizer = self.engine.tokenizer
+        if model is None and config is None:
+            return   # from_engine
+        self._attach(LLMEngine(config or EngineConfig(model=model, **kwargs)))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls()
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._next = 0
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
@@ -291,14 +302,15 @@ class LLM:
             rids.append(rid)
         done: dict[str, RequestOutput] = {}
         seqs = {rid: eng.seqs[rid] for rid in rids}
-        t0, n_out = time.monotonic(), 0
+        t0, n_out, shown = time.monotonic(), 0, 0.0
         while eng.has_unfinished():
             for out in eng.step():
                 n_out += 1
                 if out.finished:
                     done[out.request_id] = out
-            if progress:
-                dt = time.monotonic() - t0
+            if progress and (time.monotonic() - shown > 0.5 or not eng.has_unfinished()):
+                shown = time.monotonic()
+                dt = shown - t0
                 sys.stderr.write(f"\r[tandem] {len(done)}/{len(rids)} done, {n_out} tokens, "
                                  f"{n_out / max(dt, 1e-9):.0f} tok/s ")
         if progress:
