@@ -30,10 +30,12 @@ def test_bf16_greedy_matches_hf(model_factory, arch, backend):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (7, 33, 100, 250)]
     llm = LLM(model_dir, dtype="bfloat16", device="cuda", attention_backend=backend,
-              gpu_memory_utilization=0.3)
+              num_kv_blocks=1024)
     assert llm.engine.runner.attn.name == backend
     outs = llm.generate(prompts, SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True, logprobs=1))
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    del llm
+    torch.cuda.empty_cache()
     report = []
     for ids, out in zip(prompts, outs):
         seq = torch.tensor([ids + out.token_ids], device="cuda")
