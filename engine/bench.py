@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
+    p.add_argument("--profile-dir", default=None,
+                   help="write a torch.profiler table of a few decode steps per batch size here")
 
 
 def _sync(dev):
@@ -46,7 +48,39 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def bench_decode(engine, batches, ctx, steps, hbm_tbps):
+def _graph_only_ms(engine, b) -> float | None:
+    """GPU time of the decode graph alone (no scheduling, planning or sampling): the difference
+    to the step time is host overhead."""
+    runner = engine.runner
+    gb = runner._graph_batch(b)
+    if gb is None:
+        return None
+    g = runner.graphs[gb][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(20):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def _profile(engine, path: str, steps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.runner.device)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
+                                      else "self_cpu_time_total", row_limit=25)
+    with open(path, "w") as f:
+        f.write(table)
+
+
+def bench_decode(engine, batches, ctx, steps, hbm_tbps, profile_dir=None):
     from tandem.engine.sampling import SamplingParams
 
     mc, dev = engine.model_config, engine.runner.device
@@ -71,7 +105,10 @@ def bench_decode(engine, batches, ctx, steps, hbm_tbps):
         avg_ctx = ctx + 3 + steps / 2
         roof = (weight_bytes + b * avg_ctx * kv_per_token) / (hbm_tbps * 1e12)
         rows.append({"batch": b, "context": ctx, "step_ms": dt * 1e3, "roofline_ms": roof * 1e3,
-                     "roofline_ratio": roof / dt, "tokens_per_s": b / dt})
+                     "roofline_ratio": roof / dt, "tokens_per_s": b / dt,
+                     "graph_replay_ms": _graph_only_ms(engine, b)})
+        if profile_dir:
+            _profile(engine, f"{profile_dir}/decode-b{b}.txt")
         for rid in list(engine.seqs):
             engine.abort_request(rid)
     return rows
@@ -143,10 +180,13 @@ def run(args: argparse.Namespace) -> int:
     res = {"env": env}
     print(json.dumps(env))
     if "decode" in which:
-        res["decode"] = bench_decode(engine, batches, args.decode_context, args.decode_steps, args.hbm_tbps)
-        print("\nbatch  ctx   step_ms  roofline_ms  ratio  tok/s")
+        res["decode"] = bench_decode(engine, batches, args.decode_context, args.decode_steps,
+                                     args.hbm_tbps, args.profile_dir)
+        print("\nbatch  ctx   step_ms  graph_ms  roofline_ms  ratio  tok/s")
         for r in res["decode"]:
-            print(f"{r['batch']:5d} {r['context']:5d} {r['step_ms']:8.2f} {r['roofline_ms']:11.2f} "
+            g = r["graph_replay_ms"]
+            print(f"{r['batch']:5d} {r['context']:5d} {r['step_ms']:8.2f} "
+                  f"{g if g is not None else float('nan'):9.2f} {r['roofline_ms']:11.2f} "
                   f"{r['roofline_ratio']:6.2f} {r['tokens_per_s']:8.0f}")
     if "prefill" in which:
         r = res["prefill"] = bench_prefill(engine, args.prefill_len, args.peak_tflops)

@@ -49,6 +49,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def add_rms_norm(x, residual, weight, eps):
+    """(norm(residual + x), residual + x); with no residual, (norm(x), x)."""
+    if residual is not None:
+        x = residual + x
+    return rms_norm(x, weight, eps), x
+
+
+def qkv_rope(qkv, cos, sin, q_norm, k_norm, eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Splits the fused projection, applies per-head RMSNorm (Qwen3) and rotary embeddings."""
+    n = qkv.shape[0]
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.reshape(n, heads, head_dim)
+    k = k.reshape(n, kv_heads, head_dim)
+    v = v.reshape(n, kv_heads, head_dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def silu_mul(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Ops:
+    """The elementwise steps between GEMMs. Eager PyTorch by default (exactly transformers'
+    arithmetic); on CUDA each is compiled into one fused kernel, which matters because a decode
+    step otherwise launches a dozen tiny kernels per layer and is bound by launch gaps."""
+
+    def __init__(self, fuse: bool):
+        self.fused = fuse
+        wrap = (lambda f: torch.compile(f, dynamic=True, fullgraph=True)) if fuse else (lambda f: f)
+        self.add_rms_norm = wrap(add_rms_norm)
+        self.qkv_rope = wrap(qkv_rope)
+        self.silu_mul = wrap(silu_mul)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, device, dtype):
         super().__init__()
@@ -67,34 +105,26 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * i, h, **e), requires_grad=False)
         self.down = nn.Parameter(torch.empty(h, i, **e), requires_grad=False)
 
-    def forward(self, x, cos, sin, kv_cache, attn):
+    def forward(self, x, residual, cos, sin, kv_cache, attn, ops: Ops):
+        """Returns (this layer's MLP output, the residual stream before adding it); the next
+        layer (or the final norm) adds the two, fused with its RMSNorm."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        residual = x
-        x = rms_norm(x, self.input_norm, eps)
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        n = x.shape[0]
-        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, eps)
-            k = rms_norm(k, self.k_norm, eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        h, residual = ops.add_rms_norm(x, residual, self.input_norm, eps)
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q, k, v = ops.qkv_rope(qkv, cos, sin, self.q_norm, self.k_norm, eps,
+                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         o = attn.forward(self.idx, q, k, v, kv_cache)
-        x = residual + F.linear(o.reshape(n, cfg.q_size), self.o_proj)
-        residual = x
-        x = rms_norm(x, self.post_norm, eps)
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return residual + F.linear(F.silu(gate) * up, self.down)
+        x = F.linear(o.reshape(-1, cfg.q_size), self.o_proj)
+        h, residual = ops.add_rms_norm(x, residual, self.post_norm, eps)
+        return F.linear(ops.silu_mul(F.linear(h, self.gate_up)), self.down), residual
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, device, dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, device, dtype, max_positions: int, fuse: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.ops = Ops(fuse)
         e = dict(device=device, dtype=dtype)
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **e), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_layers))
@@ -114,10 +144,11 @@ class CausalLM(nn.Module):
         """Hidden states (after the final norm) of every input token."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_caches[layer.idx], attn)
+            x, residual = layer(x, residual, cos, sin, kv_caches[layer.idx], attn, self.ops)
             attn.after_layer(layer.idx)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return self.ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)

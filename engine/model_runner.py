@@ -49,7 +49,8 @@ class ModelRunner:
         self.dtype = model_cfg.dtype
         self.block_size = cfg.block_size
         t0 = time.monotonic()
-        self.model = CausalLM(model_cfg, self.device, self.dtype, max_positions=max_model_len)
+        fuse = self.device.type == "cuda" and not cfg.enforce_eager and cfg.extra.get("fuse", True)
+        self.model = CausalLM(model_cfg, self.device, self.dtype, max_positions=max_model_len, fuse=fuse)
         if cfg.load_format == "random":
             init_random(self.model, seed=cfg.seed)
         else:

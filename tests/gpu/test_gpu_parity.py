@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 N = 32
-TIE_TOL = 0.05
-LP_TOL = 0.05
+TIE_TOL = 0.1    # nats: a divergence is accepted only at a near-tie of the reference
+LP_TOL = 0.1     # nats: bf16 logits of magnitude ~5-10 carry ~0.03-0.06 rounding each
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -36,7 +36,7 @@ def test_bf16_greedy_matches_hf(model_factory, arch, backend):
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     del llm
     torch.cuda.empty_cache()
-    report = []
+    report, worst = [], 0.0
     for ids, out in zip(prompts, outs):
         seq = torch.tensor([ids + out.token_ids], device="cuda")
         with torch.no_grad():
@@ -49,6 +49,8 @@ def test_bf16_greedy_matches_hf(model_factory, arch, backend):
             assert gap < TIE_TOL, f"step {i}: ours {ours} vs ref {theirs}, gap {gap:.3f} is no near-tie"
             if ours != theirs and diverged is None:
                 diverged = i
-            assert abs(out.logprobs[i][0] - float(steps[i, ours])) < LP_TOL, f"step {i} logprob"
+            worst = max(worst, abs(out.logprobs[i][0] - float(steps[i, ours])))
         report.append(diverged)
-    print(f"{arch}: first near-tie divergence per prompt (None = all {N} equal): {report}")
+    print(f"{arch}: first near-tie divergence per prompt (None = all {N} equal): {report}; "
+          f"max |logprob - reference| = {worst:.4f}")
+    assert worst < LP_TOL
