@@ -139,7 +139,7 @@ def bench_prefill(engine, length, peak_tflops, trials=5):
             "tflops": flops / dt / 1e12, "mfu": flops / dt / (peak_tflops * 1e12)}
 
 
-def bench_offline(engine, n, lo, hi):
+def bench_offline(engine, n, lo, hi, hbm_tbps, peak_tflops):
     from tandem.engine.engine import LLM
     from tandem.engine.sampling import SamplingParams
 
@@ -157,8 +157,27 @@ def bench_offline(engine, n, lo, hi):
     dt = time.perf_counter() - t0
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
+    bound = _offline_bound(engine, [len(p) for p in prompts], [sp.max_tokens for sp in params],
+                           hbm_tbps, peak_tflops)
     return {"seqs": n, "input_tokens": in_tokens, "output_tokens": out_tokens, "time_s": dt,
-            "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (in_tokens + out_tokens) / dt}
+            "output_tokens_per_s": out_tokens / dt, "total_tokens_per_s": (in_tokens + out_tokens) / dt,
+            "roofline_time_s": bound, "roofline_output_tokens_per_s": out_tokens / bound}
+
+
+def _offline_bound(engine, in_lens, out_lens, hbm_tbps, peak_tflops) -> float:
+    """A lower bound on the offline run's time on this device: every prompt prefilled at peak
+    FLOP/s, then every sequence decoding from the first step, each decode step reading all
+    weights once plus the KV of every running sequence at full memory bandwidth."""
+    mc = engine.model_config
+    item = engine.runner.kv_cache.element_size()
+    w_bytes = mc.num_params() * item
+    kvb = engine.runner.block_bytes // engine.config.block_size
+    dense = mc.num_params() - mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
+    t = 2 * dense * sum(in_lens) / (peak_tflops * 1e12)
+    for step in range(1, max(out_lens) + 1):
+        ctx = sum(l + step for l, o in zip(in_lens, out_lens) if o >= step)
+        t += (w_bytes + ctx * kvb) / (hbm_tbps * 1e12)
+    return t
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,9 +212,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nprefill {r['prompt_len']} tokens: {r['time_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
               f"{r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%}")
     if "offline" in which:
-        r = res["offline"] = bench_offline(engine, args.offline_seqs, args.offline_min_len, args.offline_max_len)
+        r = res["offline"] = bench_offline(engine, args.offline_seqs, args.offline_min_len,
+                                                   args.offline_max_len, args.hbm_tbps, args.peak_tflops)
         print(f"\noffline {r['seqs']} seqs: {r['output_tokens']} output tokens in {r['time_s']:.1f} s = "
-              f"{r['output_tokens_per_s']:.0f} output tok/s ({r['total_tokens_per_s']:.0f} total tok/s)")
+              f"{r['output_tokens_per_s']:.0f} output tok/s ({r['total_tokens_per_s']:.0f} total tok/s); "
+              f"roofline bound {r['roofline_time_s']:.1f} s = {r['roofline_output_tokens_per_s']:.0f} output tok/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

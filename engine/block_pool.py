@@ -117,9 +117,10 @@ class BlockPool:
             out.append(bid)
         return out
 
-    def cache_full_blocks(self, block_ids: list[int], token_ids, hashes: list[int],
+    def cache_full_blocks(self, block_ids: list[int], range_tokens, hashes: list[int],
                           start: int, end: int) -> None:
-        """Publish blocks ``start..end-1`` of a sequence (their KV is computed)."""
+        """Publish blocks ``start..end-1`` of a sequence (their KV is computed);
+        ``range_tokens`` are the tokens of exactly those blocks."""
         if not self.enable_caching:
             return
         bs = self.block_size
@@ -132,7 +133,8 @@ class BlockPool:
                 continue  # an identical block exists; this copy stays private
             parent = hashes[i - 1] if i > 0 else ROOT_HASH
             blk.hash, blk.parent_hash = h, parent
-            blk.token_ids = tuple(token_ids[i * bs:(i + 1) * bs])
+            j = i - start
+            blk.token_ids = tuple(range_tokens[j * bs:(j + 1) * bs])
             self._cached[h] = blk.block_id
             self.events.stored(h, parent if i > 0 else None, blk.token_ids, bs)
 

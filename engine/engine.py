@@ -27,7 +27,7 @@ from tandem.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("tandem.engine")
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request (deltas), plus totals once finished."""
 
@@ -181,10 +181,12 @@ class LLMEngine:
             seq.num_computed_tokens += s.num_new
             computed_prompt += max(0, min(seq.num_computed_tokens, seq.prompt_len) - before)
             # Publish blocks whose KV is now complete.
-            full = seq.num_computed_tokens // self.pool.block_size
-            if full > seq.num_published_blocks:
-                self.pool.cache_full_blocks(seq.block_ids, seq.all_token_ids, seq.update_hashes(),
-                                            seq.num_published_blocks, full)
+            bs = self.pool.block_size
+            full = seq.num_computed_tokens // bs
+            if full > seq.num_published_blocks and self.pool.enable_caching:
+                start = seq.num_published_blocks
+                self.pool.cache_full_blocks(seq.block_ids, seq.token_slice(start * bs, full * bs),
+                                            seq.update_hashes(), start, full)
                 seq.num_published_blocks = full
             if not s.sample:
                 continue

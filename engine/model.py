@@ -81,6 +81,12 @@ class Ops:
 
     def __init__(self, fuse: bool):
         self.fused = fuse
+        if fuse:
+            # Round intermediates to the model dtype exactly where eager PyTorch does, so the
+            # fused kernels keep transformers' bf16 numerics (not more precise, just the same).
+            import torch._inductor.config as inductor_config
+            if hasattr(inductor_config, "emulate_precision_casts"):
+                inductor_config.emulate_precision_casts = True
         wrap = (lambda f: torch.compile(f, dynamic=True, fullgraph=True)) if fuse else (lambda f: f)
         self.add_rms_norm = wrap(add_rms_norm)
         self.qkv_rope = wrap(qkv_rope)

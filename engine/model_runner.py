@@ -97,38 +97,35 @@ class ModelRunner:
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput):
+        """Flattens the batch: token ids, positions and KV slots of every new token, per-sequence
+        query/KV lengths and block tables, and the rows whose logits are sampled."""
         bs = self.block_size
         ids: list[int] = []
-        pos_parts, slot_parts = [], []
+        positions: list[int] = []
+        slots: list[int] = []
         qo_lens, kv_lens, tables, sample_rows = [], [], [], []
         row = 0
         for s in sched.scheduled:
             seq = s.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new
-            plen = seq.prompt_len
-            if start >= plen:
-                ids.extend(seq.output_token_ids[start - plen:end - plen])
-            elif end <= plen:
-                ids.extend(seq.prompt_token_ids[start:end])
-            else:
-                ids.extend(seq.prompt_token_ids[start:])
-                ids.extend(seq.output_token_ids[:end - plen])
+            start = seq.num_computed_tokens
+            end = start + s.num_new
             if s.num_new == 1:
-                pos_parts.append((start,))
-                slot_parts.append((seq.block_ids[start // bs] * 2 * bs + start % bs,))
+                ids.append(seq.output_token_ids[-1] if start >= seq.prompt_len and start == seq.num_tokens - 1
+                           else seq.token_slice(start, end)[0])
+                positions.append(start)
+                slots.append(seq.block_ids[start // bs] * 2 * bs + start % bs)
             else:
+                ids.extend(seq.token_slice(start, end))
                 p = np.arange(start, end)
                 blocks = np.asarray(seq.block_ids, dtype=np.int64)[p // bs]
-                pos_parts.append(p)
-                slot_parts.append(blocks * 2 * bs + p % bs)
+                positions.extend(p.tolist())
+                slots.extend((blocks * 2 * bs + p % bs).tolist())
             qo_lens.append(s.num_new)
             kv_lens.append(end)
             tables.append(seq.block_ids)
             row += s.num_new
             if s.sample:
                 sample_rows.append(row - 1)
-        positions = np.concatenate([np.asarray(p, dtype=np.int64) for p in pos_parts])
-        slots = np.concatenate([np.asarray(p, dtype=np.int64) for p in slot_parts])
         return ids, positions, slots, qo_lens, kv_lens, tables, sample_rows
 
     def _to_dev(self, arr, dtype=torch.int64) -> torch.Tensor:
@@ -211,8 +208,8 @@ class ModelRunner:
         g, out, meta = self.graphs[b]
         host = torch.zeros(3, b, dtype=torch.int64)
         host[0, :n] = torch.as_tensor(ids)
-        host[1, :n] = torch.from_numpy(positions)
-        host[2, :n] = torch.from_numpy(slots)
+        host[1, :n] = torch.as_tensor(positions)
+        host[2, :n] = torch.as_tensor(slots)
         dev = host.pin_memory().to(self.device, non_blocking=True)
         self._g_ids[:b].copy_(dev[0])
         self._g_pos[:b].copy_(dev[1])

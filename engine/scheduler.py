@@ -33,10 +33,7 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new for s in self.scheduled)
 
-    @property
-    def decode_only(self) -> bool:
-        return all(s.num_new == 1 and s.seq.num_computed_tokens >= s.seq.prompt_len
-                   for s in self.scheduled)
+    decode_only: bool = True   # every scheduled sequence computes exactly one generated token
 
 
 class Scheduler:
@@ -84,6 +81,8 @@ class Scheduler:
                 seq.block_ids.extend(self.pool.allocate(need))
             out.scheduled.append(ScheduledSeq(
                 seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+            if num_new != 1 or seq.num_computed_tokens < seq.prompt_len:
+                out.decode_only = False
             budget -= num_new
             i += 1
         if out.preempted:
@@ -109,6 +108,8 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, num_cached + num_new == seq.num_tokens))
+            if num_new != 1 or num_cached < seq.prompt_len:
+                out.decode_only = False
             budget -= num_new
         return out
 

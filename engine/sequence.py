@@ -65,15 +65,24 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.prompt_len
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``start..end-1`` of prompt + output, without concatenating the two lists."""
+        plen = len(self.prompt_token_ids)
+        if end <= plen:
+            return self.prompt_token_ids[start:end]
+        if start >= plen:
+            return self.output_token_ids[start - plen:end - plen]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - plen]
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def update_hashes(self) -> list[int]:
         """Chained hashes of every full block of the sequence so far (extended incrementally)."""
-        full = self.num_tokens // self.block_size
-        if len(self.block_hashes) < full:
+        bs = self.block_size
+        full = self.num_tokens // bs
+        done = len(self.block_hashes)
+        if done < full:
             parent = self.block_hashes[-1] if self.block_hashes else 0
-            self.block_hashes.extend(chain_hashes(
-                self.all_token_ids[:full * self.block_size], self.block_size, parent,
-                start_block=len(self.block_hashes)))
+            self.block_hashes.extend(chain_hashes(self.token_slice(done * bs, full * bs), bs, parent))
         return self.block_hashes

@@ -8,6 +8,8 @@ built on the host in flashinfer's CSR form and copied once; `plan` must run outs
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -47,18 +49,21 @@ class FlashInferAttention(AttentionBackend):
 
     def page_table(self, meta: StepMetadata, pad_to: int = 0):
         bs = self.block_size
-        pages = [-(-n // bs) for n in meta.kv_lens]
-        indptr = np.zeros(max(pad_to, meta.num_seqs) + 1, dtype=np.int32)
-        np.cumsum(pages, out=indptr[1:meta.num_seqs + 1])
-        pieces = [np.asarray(t[:p], dtype=np.int32) for t, p in zip(meta.block_tables, pages)]
-        last = np.ones(max(pad_to, meta.num_seqs), dtype=np.int32)
-        last[:meta.num_seqs] = [n - (p - 1) * bs for n, p in zip(meta.kv_lens, pages)]
-        n_pad = max(pad_to - meta.num_seqs, 0)
+        n = meta.num_seqs
+        pages = [-(-kv // bs) for kv in meta.kv_lens]
+        n_pad = max(pad_to - n, 0)
+        indptr = np.zeros(n + n_pad + 1, dtype=np.int32)
+        np.cumsum(pages, out=indptr[1:n + 1])
+        last = np.ones(n + n_pad, dtype=np.int32)
+        last[:n] = [kv - (p - 1) * bs for kv, p in zip(meta.kv_lens, pages)]
+        total = int(indptr[n])
+        # padded rows read one page each: the reserved null block 0
+        indices = np.zeros(total + n_pad, dtype=np.int32)
+        indices[:total] = np.fromiter(
+            itertools.chain.from_iterable(t[:p] for t, p in zip(meta.block_tables, pages)),
+            dtype=np.int32, count=total)
         if n_pad:
-            # padded rows read one page: the reserved null block 0
-            indptr[meta.num_seqs + 1:] = indptr[meta.num_seqs] + np.arange(1, n_pad + 1)
-            pieces.append(np.zeros(n_pad, dtype=np.int32))
-        indices = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+            indptr[n + 1:] = total + np.arange(1, n_pad + 1)
         return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
     def plan(self, meta: StepMetadata, graph_batch: int | None = None) -> None:
