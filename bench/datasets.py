@@ -86,10 +86,15 @@ class TokenSampler:
         self.tok = tokenizer
         self.rng = rng
         # Special/added tokens are excluded: they decode to markers like <|eot_id|> that a chat
-        # template or the server would treat as control tokens, not as prompt text.
+        # template or the server would treat as control tokens, not as prompt text. So are ids
+        # that decode to nothing or to a lone byte of a multi-byte character ("\ufffd"): the
+        # replacement character re-encodes to several tokens and the length never settles.
         added = set(tokenizer.get_added_tokens_decoder().keys())
-        vocab = np.arange(tokenizer.get_vocab_size(with_added_tokens=True))
-        self.ids = vocab[~np.isin(vocab, np.fromiter(added, dtype=np.int64, count=len(added)))]
+        vocab = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True))
+                 if i not in added]
+        texts = tokenizer.decode_batch([[i] for i in vocab], skip_special_tokens=True)
+        self.ids = np.array([i for i, t in zip(vocab, texts) if t and "\ufffd" not in t],
+                            dtype=np.int64)
         if len(self.ids) == 0:
             raise ValueError("tokenizer has no ordinary tokens to sample from")
 
