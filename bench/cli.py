@@ -70,7 +70,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="Hugging Face model dir with tokenizer.json (or the file). Builds prompts "
                         "of exact token lengths and counts output tokens when the server sends "
-                        "no usage. Required.")
+                        "no usage. Required unless --model is a local dir holding tokenizer.json.")
     g.add_argument("--header", type=_header, nargs="*", default=[], metavar="KEY=VALUE",
                    help="Extra HTTP headers for every request, e.g. Authorization=Bearer\\ x.")
     g.add_argument("--extra-body", default=None, metavar="JSON",

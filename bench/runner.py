@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -41,7 +42,7 @@ class BenchmarkConfig:
     backend: str | None = None  # openai | openai-chat; inferred from endpoint when None
     endpoint: str | None = None  # defaults by backend
     model: str | None = None  # None: the first model GET /v1/models lists
-    tokenizer: str | None = None  # HF dir (or tokenizer.json) for prompt and output token counts
+    tokenizer: str | None = None  # HF dir or tokenizer.json; None: --model if that is a local dir
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     requests: list[SampleRequest] | None = None  # programmatic use: prompts built elsewhere
     seed: int = 0
@@ -93,6 +94,7 @@ class BenchmarkResult:
     outputs: list[RequestOutput]
     output_lens: list[int]
     num_prompts: int
+    tokenizer: str | None = None  # the path actually loaded
 
     def to_json(self, detailed: bool = False) -> dict[str, Any]:
         """vLLM's result keys (plus the run config); ``detailed`` adds the generated texts."""
@@ -109,7 +111,7 @@ class BenchmarkResult:
             "label": c.label,
             "base_url": c.url,
             "model_id": self.model,
-            "tokenizer_id": c.tokenizer,
+            "tokenizer_id": self.tokenizer,
             "dataset_name": c.dataset.name if c.requests is None else "custom",
             "dataset_config": asdict(c.dataset) if c.requests is None else None,
             "num_prompts": self.num_prompts,
@@ -209,7 +211,11 @@ async def ready_check(inp: RequestInput, session: aiohttp.ClientSession, timeout
 async def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     backend, endpoint = config.resolved_endpoint()
     api_url = config.api_url(endpoint)
-    tok = load_tokenizer(config.tokenizer) if config.tokenizer else None
+    tok_path = config.tokenizer
+    if tok_path is None and config.model and os.path.isfile(
+            os.path.join(config.model, "tokenizer.json")):
+        tok_path = config.model  # --model given as a local HF dir, as vLLM allows
+    tok = load_tokenizer(tok_path) if tok_path else None
     if config.requests is not None:
         requests = list(config.requests)
     elif tok is None:
@@ -275,4 +281,4 @@ async def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
                                           config.goodput, counter)
     return BenchmarkResult(config=config, model=model, backend=backend, endpoint=endpoint,
                            date=date, metrics=metrics, outputs=list(outputs),
-                           output_lens=out_lens, num_prompts=len(requests))
+                           output_lens=out_lens, num_prompts=len(requests), tokenizer=tok_path)
