@@ -122,3 +122,19 @@ def test_model_dir_doubles_as_tokenizer(fake_server, tokenizer_dir, capsys):
     assert rc == 0 and srv.bodies[0]["model"] == tokenizer_dir
     n = int(re.search(r"Total input tokens:\s+(\d+)", capsys.readouterr().out).group(1))
     assert 30 <= n <= 34  # 2 prompts x 16 tokens, counted with the model dir's tokenizer
+
+
+def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
+    from tandem.bench.progress import make_progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    bar = make_progress(3, desc="reqs")
+    assert type(bar).__module__ == "tandem.bench.progress"
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    assert "reqs: 3/3" in capsys.readouterr().err
+    monkeypatch.undo()
+    real = make_progress(3)
+    assert type(real).__name__ == "tqdm"
+    real.close()
