@@ -101,11 +101,16 @@ class TokenSampler:
     def random_ids(self, n: int) -> list[int]:
         return self.rng.choice(self.ids, size=max(n, 0)).tolist()
 
-    def text(self, n: int) -> str:
-        """Random text of ``n`` tokens: decode, re-encode, trim or top up, repeat."""
+    def text(self, n: int, start: str = "") -> str:
+        """Random text of ``n`` tokens: decode, re-encode, trim or top up, repeat.
+
+        ``start``: keep the leading tokens of this text and re-fit only the end (how a suffix is
+        resized without changing the way it joins its prefix).
+        """
         if n <= 0:
             return ""
-        ids = self.random_ids(n)
+        ids = self.tok.encode(start, add_special_tokens=False).ids[:n] if start else []
+        ids = ids + self.random_ids(n - len(ids))
         text = self.tok.decode(ids, skip_special_tokens=True)
         for _ in range(self.MAX_ROUNDS):
             ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -115,21 +120,27 @@ class TokenSampler:
             text = self.tok.decode(ids, skip_special_tokens=True)
         return text
 
-    def joined(self, prefix: str, n_suffix: int, total: int) -> tuple[str, int]:
-        """``prefix`` followed by random text, the whole re-encoding to ``total`` tokens.
+    def joined(self, prefix: str, sizes: list[tuple[int, int]]) -> list[tuple[str, int]]:
+        """For each ``(n_suffix, total)``: ``prefix`` + random text re-encoding to ``total``
+        tokens, returned with its measured length.
 
-        The suffix is sized by measuring the joined string, since tokens can merge across the
-        boundary; the prefix string itself is never altered.
+        Tokens can merge across the boundary, so every joined string is measured (one batch
+        call, which the tokenizers library runs on all cores); the few that miss get their
+        suffix's *end* trimmed or extended, which leaves the boundary as it was. The prefix
+        string itself is never altered.
         """
-        suffix = self.text(n_suffix)
-        for _ in range(self.MAX_ROUNDS):
-            have = count_tokens(self.tok, prefix + suffix)
-            if have == total or n_suffix <= 0:
-                break
-            n_suffix = max(n_suffix + (total - have), 0)
-            suffix = self.text(n_suffix)
-        prompt = prefix + suffix
-        return prompt, count_tokens(self.tok, prompt)
+        suffixes = [self.text(n) for n, _ in sizes]
+        prompts = [prefix + s for s in suffixes]
+        counts = [len(e.ids) for e in self.tok.encode_batch(prompts, add_special_tokens=False)]
+        for i, (n_suffix, total) in enumerate(sizes):
+            for _ in range(self.MAX_ROUNDS):
+                if counts[i] == total or n_suffix <= 0:
+                    break
+                n_suffix = max(n_suffix + total - counts[i], 0)
+                suffixes[i] = self.text(n_suffix, start=suffixes[i])
+                prompts[i] = prefix + suffixes[i]
+                counts[i] = count_tokens(self.tok, prompts[i])
+        return list(zip(prompts, counts))
 
 
 def _lens(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.ndarray:
@@ -147,11 +158,9 @@ def random_dataset(cfg: DatasetConfig, tok: Tokenizer, seed: int = 0) -> list[Sa
     out_lens = _lens(rng, cfg.random_output_len, cfg.random_range_ratio, cfg.num_prompts)
     # One prefix shared by every request, as vLLM's --random-prefix-len.
     prefix = sampler.text(cfg.random_prefix_len)
-    out = []
-    for n_in, n_out in zip(in_lens.tolist(), out_lens.tolist()):
-        prompt, plen = sampler.joined(prefix, n_in, cfg.random_prefix_len + n_in)
-        out.append(SampleRequest(prompt, plen, max(int(n_out), 1)))
-    return out
+    sizes = [(n, cfg.random_prefix_len + n) for n in in_lens.tolist()]
+    return [SampleRequest(prompt, plen, max(int(n_out), 1))
+            for (prompt, plen), n_out in zip(sampler.joined(prefix, sizes), out_lens.tolist())]
 
 
 def _grouped(sampler: TokenSampler, rng: np.random.Generator, num_groups: int, per_group: int,
@@ -160,8 +169,7 @@ def _grouped(sampler: TokenSampler, rng: np.random.Generator, num_groups: int, p
     for g in range(num_groups):
         prefix = sampler.text(prefix_len) + sep
         plen = count_tokens(sampler.tok, prefix)
-        for _ in range(per_group):
-            prompt, n = sampler.joined(prefix, suffix_len, plen + suffix_len)
+        for prompt, n in sampler.joined(prefix, [(suffix_len, plen + suffix_len)] * per_group):
             out.append(SampleRequest(prompt, n, output_len, group=g))
     # Interleave groups so arrivals do not hit one prefix at a time (both peers shuffle).
     order = rng.permutation(len(out))
