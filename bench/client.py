@@ -139,6 +139,8 @@ async def send_request(inp: RequestInput, session: aiohttp.ClientSession) -> Req
                     if payload == "[DONE]":
                         done = True
                         continue
+                    if not payload:  # a bare "data:" line carries nothing
+                        continue
                     event = json.loads(payload)
                     if "error" in event:
                         raise RuntimeError(f"stream error: {json.dumps(event['error'])[:500]}")
