@@ -101,7 +101,7 @@ def train_tokenizer(vocab_size: int, specials: list[str], bos: str | None):
 
 def make_test_model(out: str | Path, arch: str = "llama", preset: str = "tiny", weights: bool = True,
                     shard_mb: int = 0, seed: int = 0, std: float | None = None, legacy_rope: bool = False,
-                    **overrides) -> Path:
+                    rope: dict | None = None, **overrides) -> Path:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     shape = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
@@ -145,8 +145,11 @@ def make_test_model(out: str | Path, arch: str = "llama", preset: str = "tiny", 
         "eos_token_id": eos[0],
         "dtype": shape.dtype,
     }
+    rope_override = rope
     rope = {"rope_type": "default", "rope_theta": 500000.0 if llama else 1000000.0}
-    if preset == "llama-3.1-8b":
+    if rope_override:
+        rope = dict(rope_override)
+    elif preset == "llama-3.1-8b":
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     if legacy_rope:  # transformers 4 spelling

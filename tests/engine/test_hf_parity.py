@@ -97,3 +97,14 @@ def _preemption_samples():
     from tandem import metrics
     for fam in metrics.ENGINE_PREEMPTIONS.collect():
         yield from (s for s in fam.samples if s.name.endswith("_total"))
+
+
+def test_llama3_rope_scaling_matches_hf(tmp_path):
+    from tandem.engine.make_model import make_test_model
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    model_dir = str(make_test_model(tmp_path / "l3", "llama", rope=rope))
+    prompts = make_prompts(1000, seed=3)[:4]
+    expected, _ = hf_greedy(model_dir, prompts, MAX_NEW)
+    outs = LLM(model_dir, dtype="float32").generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
