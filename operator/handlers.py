@@ -11,8 +11,10 @@ reconcile in a worker thread and returns. Triggers:
   owner's status at once, without waiting for the timer.
 
 Deletion needs no handler work: every child carries an owner reference, so the API server's
-garbage collector removes them; the operator therefore adds no finalizer (an optional delete
-handler only logs and forgets the object's lock).
+garbage collector removes them. kopf does put a finalizer (``tandem.dev/finalizer``) on each
+InferenceService, because it must stop the object's timer before the object goes; the operator
+removes it on deletion. Delete InferenceServices before uninstalling the operator, or remove
+the finalizer by hand.
 
 Loaded by ``tandem operator`` (``cli.py``) or directly: ``kopf run -m tandem.operator.handlers``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import kopf
 import kubernetes
@@ -41,7 +44,8 @@ def _client() -> Kube:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            # Explicit path: the client reads $KUBECONFIG only once, when first imported.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         _kube = Kube(field_manager=CONFIG.field_manager)
     return _kube
 
@@ -55,6 +59,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # Kubernetes Events only for problems
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
