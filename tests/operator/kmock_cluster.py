@@ -94,6 +94,14 @@ class Emulator(kmock.KubernetesEmulator):
         return response
 
 
+    async def _serve_version(self, request: kmock.Request):  # type: ignore[override]
+        # kmock writes the core group's groupVersion as "/v1"; client-go (Helm) rejects that.
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and payload.get("groupVersion", "").startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"][1:]
+        return payload
+
+
 class Cluster:
     """Start/stop the emulator in a thread; JSON helpers for tests."""
 
@@ -140,7 +148,8 @@ class Cluster:
             emulator = Emulator()
             for key, (kind, namespaced, subresources) in self.resources.items():
                 emulator.resources[key] = kmock.ResourceInfo(
-                    kind=kind, namespaced=namespaced, verbs=VERBS, subresources=subresources)
+                    kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=VERBS,
+                    subresources=subresources)
             async with emulator, kmock.Server(emulator) as server:
                 self.emulator = emulator
                 self.url = f"http://127.0.0.1:{server.port}"
