@@ -8,8 +8,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tandem-installed
+# Kubernetes tests: test-only packages in .venv, and a Python 3.12 environment for the Helm engine
+# (helm-sdkpy), which tests/charts runs as a subprocess.
+K8S_STAMP := $(VENV)/.tandem-k8s-installed
+HELM_PYTHON ?= PYENV_VERSION=3.12.1 python3
+HELM_VENV ?= .venv-helm
+HELM_STAMP := $(HELM_VENV)/.tandem-installed
 
-.PHONY: serve test venv proto clean lint
+.PHONY: serve test venv proto clean lint k8s-deps
 
 venv: $(STAMP)
 
@@ -28,14 +34,25 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	@touch $(STAMP)
 
+$(K8S_STAMP): $(STAMP) tests/operator/requirements.txt
+	$(PIP) install -q -r tests/operator/requirements.txt
+	@touch $@
+
+$(HELM_STAMP): tests/charts/requirements-helm.txt
+	@[ -x $(HELM_VENV)/bin/python ] || $(HELM_PYTHON) -m venv $(HELM_VENV)
+	$(HELM_VENV)/bin/python -m pip install -q -r tests/charts/requirements-helm.txt
+	@touch $@
+
+k8s-deps: $(K8S_STAMP) $(HELM_STAMP)
+
 proto: $(STAMP)
 	$(PY) -m tandem.proto_gen
 
 serve: $(STAMP)
 	$(VENV)/bin/tandem serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(K8S_STAMP) $(HELM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(HELM_VENV) build *.egg-info
