@@ -81,11 +81,21 @@ CHATML_TEMPLATE = (
 )
 
 
-def train_tokenizer(vocab_size: int, specials: list[str], bos: str | None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# The pre-tokenization regexes of the real tokenizers (Llama 3 groups up to 3 digits, Qwen2 splits
+# every digit), so that transformers' model-specific tokenizer classes agree with tokenizer.json.
+SPLIT_PATTERNS = {
+    "llama": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def train_tokenizer(vocab_size: int, specials: list[str], bos: str | None, family: str = "llama"):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERNS[family]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -110,7 +120,8 @@ def make_test_model(out: str | Path, arch: str = "llama", preset: str = "tiny", 
     llama = arch == "llama"
     specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                  "<|eot_id|>"] if llama else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = train_tokenizer(min(shape.vocab, 4096), specials, "<|begin_of_text|>" if llama else None)
+    tok = train_tokenizer(min(shape.vocab, 4096), specials, "<|begin_of_text|>" if llama else None,
+                          "llama" if llama else "qwen")
     vocab = max(shape.vocab, tok.get_vocab_size())
     tok.save(str(out / "tokenizer.json"))
     ids = {s: tok.token_to_id(s) for s in specials}
