@@ -194,7 +194,7 @@ class _Transfer:
 
     def poll(self) -> KVPoll:
         if not self._state.terminal:
-            self.engine._progress()
+            self.engine.progress()
             self._poll_backend()
             if not self._state.terminal:
                 self._check_timeouts()
@@ -392,8 +392,12 @@ class KVTransferEngine(ABC):
     def _new_receiver(self, request_id: str, dst_blocks: Sequence[int],
                       expected_peer: Optional[str]) -> KVReceiver: ...
 
-    def _progress(self) -> None:
-        """Drain backend events (nixl notifications); called from every poll()."""
+    def progress(self) -> None:
+        """Drain backend events (nixl notifications) and dispatch them to their transfers.
+
+        Every poll() calls it; a worker loop should also call it once per step, so that
+        requests this engine no longer holds are rejected and acks go out while no
+        receiver is being polled. Cheap when there is nothing to do."""
 
     @abstractmethod
     def _close_backend(self) -> None: ...

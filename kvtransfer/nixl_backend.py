@@ -18,7 +18,7 @@ layer. The completion notification is sent only after every write of the request
 because notifications of separate transfers are not ordered with each other's data. The ack ("K")
 lets the sender tell a delivered transfer from one written into a dead process's memory.
 
-All notifications of an engine are drained in one place (``_progress``) and dispatched by request
+All notifications of an engine are drained in one place (``progress``) and dispatched by request
 id, since one agent serves every receiver and sender of the process. A nixl receiver cannot stop
 writes already posted by its peer: after a decode-side abort, in-flight WRITEs may still land in
 the aborted request's blocks (see ``NixlReceiver``).
@@ -95,7 +95,7 @@ class NixlEngine(KVTransferEngine):
             log.warning("nixl: notification to %s failed: %s", peer_name, e)
             return False
 
-    def _progress(self) -> None:
+    def progress(self) -> None:
         # The one place notifications are drained: get_new_notifs() hands each message out once,
         # so dispatching here keeps receivers from stealing each other's messages.
         with self._reg_lock:

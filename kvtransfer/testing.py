@@ -73,8 +73,8 @@ class PeerProcess:
 
 def _serve(conn, backend, layout_d, device, config, name, engine_kwargs) -> None:
     import logging
-    logging.getLogger("nixl").setLevel(logging.WARNING)
     peer = _Peer(backend, KVLayout.from_dict(layout_d), device, config, name, engine_kwargs)
+    logging.getLogger("nixl").setLevel(logging.WARNING)  # after nixl configured its logging
     while True:
         try:
             op, args, kwargs = conn.recv()
@@ -198,6 +198,13 @@ class _Peer:
         r["seconds"] = time.perf_counter() - t0
         del self.tx[rid]
         return r
+
+    def progress_for(self, seconds: float) -> None:
+        """What a worker loop does between requests: engine.progress() every step."""
+        t = time.monotonic() + seconds
+        while time.monotonic() < t:
+            self.engine.progress()
+            time.sleep(0.0005)
 
     def live(self) -> int:
         return self.engine.live_transfers()
