@@ -45,6 +45,11 @@ _LAYER, _DONE, _ABORT, _ACK, _REJECT = b"L", b"D", b"A", b"K", b"R"
 _NBYTES = struct.Struct("<Q")
 
 
+def _reason(exc: Exception) -> str:
+    # UCX tells a vanished peer apart from other errors; report it as such.
+    return "peer_lost" if "REMOTE_DISCONNECT" in repr(exc) else "transfer_error"
+
+
 def _msg(kind: bytes, rid: str, body: bytes = b"") -> bytes:
     return kind + rid.encode() + b"\0" + body
 
@@ -186,7 +191,7 @@ class NixlSender(KVSender):
                     _msg(_LAYER, self.request_id))
                 st = e.agent.transfer(h)
             except Exception as exc:
-                self._fail("transfer_error", f"post: {exc!r}")
+                self._fail(_reason(exc), f"post: {exc!r}")
                 return
             self._handles.append((h, int(rows[:, 2].sum())))
             self.num_descriptors += len(rows)

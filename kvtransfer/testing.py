@@ -131,6 +131,11 @@ class _Peer:
         if self.kv.is_cuda:
             torch.cuda.synchronize()
 
+    def digest(self, blocks: Sequence[int]) -> str:
+        """sha1 of kv[:, blocks]: compares large transfers without shipping the bytes."""
+        import hashlib
+        return hashlib.sha1(self.read(blocks).tobytes()).hexdigest()
+
     def read(self, blocks: Sequence[int]):
         """kv[:, blocks] as raw bytes, [num_layers, len(blocks), block_bytes] uint8 numpy."""
         t = self.kv[:, self.torch.as_tensor(list(blocks), dtype=self.torch.long)].contiguous()

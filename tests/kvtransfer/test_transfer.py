@@ -152,8 +152,10 @@ def test_stalled_transfer_times_out_on_both_sides(pair):
     d.start("wait", "rx", rid, 10)
     tx = p.call("wait", "tx", rid, 10)
     rx = d.result()
-    assert rx["state"] == "FAILED" and rx["failure"] == "transfer_timeout", rx
-    assert tx["state"] == "FAILED" and tx["failure"] in ("transfer_timeout", "peer_aborted"), tx
+    # Whichever side times out first tells the other, which then fails as peer_aborted.
+    assert tx["state"] == rx["state"] == "FAILED", (tx, rx)
+    assert {tx["failure"], rx["failure"]} <= {"transfer_timeout", "peer_aborted"}, (tx, rx)
+    assert "transfer_timeout" in (tx["failure"], rx["failure"], rx["detail"], tx["detail"])
     assert rx["waited"] < TIMEOUT + SLACK
 
 
@@ -231,7 +233,9 @@ def test_receiver_killed_mid_transfer(pair):
         p.call("finish", rid, b"x")
         tx = p.call("wait", "tx", rid, 10)
         assert tx["state"] == "FAILED", tx
-        assert tx["failure"] in ("peer_lost", "transfer_error", "transfer_timeout"), tx
+        assert tx["failure"] in ("peer_lost", "transfer_timeout"), tx
+        print(f"receiver killed, {pair.backend} sender: {tx['failure']} {tx['detail']!r} "
+              f"after {tx['waited']:.2f}s")
         assert tx["waited"] < TIMEOUT + SLACK
         # The prefill engine still works for other peers afterwards.
         pair.reset(seed=6)
