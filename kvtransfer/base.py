@@ -98,6 +98,17 @@ class PeerHandle:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def reject_reason(body: bytes) -> tuple[str, str]:
+    """A receiver's REJECT message body -> (failure reason, detail) on the sender.
+
+    An empty body means the receiving engine does not hold the request (protocol rejection);
+    otherwise the body is the receiver's own failure reason (it aborted or timed out)."""
+    text = body.decode(errors="replace")
+    if text in ("", "rejected"):
+        return "rejected", text or "receiver does not hold the request"
+    return "peer_aborted", text
+
+
 def encode_info(backend: str, name: str, layout: KVLayout, extra: dict[str, Any]) -> bytes:
     """Handshake info on the wire: JSON; bytes values become {"b64": ...}."""
     enc = {k: {"b64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v
@@ -252,6 +263,9 @@ class KVSender(_Transfer):
         """No more layers; deliver ``payload`` with completion once every posted write has landed."""
         if self._finished:
             raise TransferError(f"{self.request_id}: finish() called twice")
+        missing = sorted(set(range(self.engine.layout.num_layers)) - self._layers_sent)
+        if missing and not self._state.terminal:
+            raise TransferError(f"{self.request_id}: finish() before layers {missing} were sent")
         self._finished = True
         self.payload = bytes(payload)
         if not self._state.terminal:
@@ -277,8 +291,22 @@ class KVReceiver(_Transfer):
         self.payload: Optional[bytes] = None
         super().__init__(engine, request_id)
 
+    @property
+    def expected_bytes(self) -> int:
+        """Every layer of every reserved block: what a complete transfer delivers."""
+        return len(self.dst_blocks) * self.engine.layout.num_layers * self.engine.layout.block_bytes
+
     def _accepts(self, peer_name: str) -> bool:
         return self.expected_peer is None or peer_name == self.expected_peer
+
+    def _complete(self, payload: bytes) -> bool:
+        """The sender says it is done: DONE if every byte arrived, else FAILED (False)."""
+        if self.nbytes != self.expected_bytes:
+            self._fail("transfer_error", f"completion after {self.nbytes} of "
+                                         f"{self.expected_bytes} bytes")
+            return False
+        self.payload = payload
+        return self._set_done()
 
 
 class KVTransferEngine(ABC):
@@ -322,8 +350,11 @@ class KVTransferEngine(ABC):
         self._check_open()
         if peer.name not in self._peers:
             raise ValueError(f"unknown peer {peer.name!r}: connect() to it first")
-        return self._register(self._senders, self._new_sender(peer, request_id, src_blocks,
-                                                               dst_blocks))
+        with self._reg_lock:
+            self._check_unique(self._senders, request_id)
+            tx = self._new_sender(peer, request_id, src_blocks, dst_blocks)
+            self._senders[request_id] = tx
+        return tx
 
     def create_receiver(self, request_id: str, dst_blocks: Sequence[int],
                         expected_peer: Union[PeerHandle, str, None] = None) -> KVReceiver:
@@ -332,7 +363,11 @@ class KVTransferEngine(ABC):
         if isinstance(expected_peer, PeerHandle):
             # nixl needs the sender's metadata loaded to acknowledge it; connect() is cached.
             name = self.connect(expected_peer).name
-        return self._register(self._receivers, self._new_receiver(request_id, dst_blocks, name))
+        with self._reg_lock:
+            self._check_unique(self._receivers, request_id)
+            rx = self._new_receiver(request_id, dst_blocks, name)
+            self._receivers[request_id] = rx
+        return rx
 
     def close(self) -> None:
         """Fail every live transfer ('closed'), drop connections, deregister memory. Idempotent."""
@@ -360,13 +395,11 @@ class KVTransferEngine(ABC):
         if self._closed:
             raise TransferError(f"engine {self.name} is closed")
 
-    def _register(self, table: dict, t: _Transfer):
-        with self._reg_lock:
-            if t.request_id in table:
-                t._fail("rejected", "duplicate request id")
-                raise ValueError(f"request {t.request_id!r} already has a live {t.direction}er")
-            table[t.request_id] = t
-        return t
+    @staticmethod
+    def _check_unique(table: dict, request_id: str) -> None:
+        # Checked before construction: a rejected duplicate must not notify the live one's peer.
+        if request_id in table:
+            raise ValueError(f"request {request_id!r} already has a live transfer here")
 
     def _forget(self, t: _Transfer) -> None:
         table = self._senders if t.direction == "send" else self._receivers

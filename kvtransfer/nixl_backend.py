@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .base import (KVReceiver, KVSender, KVTransferEngine, PeerHandle, ReadySignal,
-                   TransferConfig, is_ready)
+                   TransferConfig, is_ready, reject_reason)
 from .layout import byte_ranges
 
 log = logging.getLogger("tandem.kvtransfer.nixl")
@@ -128,7 +128,7 @@ class NixlEngine(KVTransferEngine):
                 if kind == _ACK:
                     tx._set_done()
                 else:
-                    tx._fail("peer_aborted" if body else "rejected", body.decode(errors="replace"))
+                    tx._fail(*reject_reason(body))
         else:
             log.warning("nixl: unknown notification %r from %s", msg[:32], peer)
 
@@ -264,10 +264,11 @@ class NixlReceiver(KVReceiver):
         if kind == _LAYER:
             self._touch()
         elif kind == _DONE:
+            # One-sided writes leave no count here: trust the sender's, checked against the
+            # reservation so that a sender which skipped layers cannot complete the request.
             self.nbytes = _NBYTES.unpack_from(body)[0]
-            self.payload = body[_NBYTES.size:]
             self._touch()
-            if self._set_done():
+            if self._complete(body[_NBYTES.size:]):
                 self.engine._notify(peer, _msg(_ACK, self.request_id))
         elif kind == _ABORT:
             self._fail("peer_aborted", body.decode(errors="replace"))

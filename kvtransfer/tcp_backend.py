@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .base import (KVReceiver, KVSender, KVTransferEngine, PeerHandle, ReadySignal,
-                   TransferConfig, is_ready)
+                   TransferConfig, is_ready, reject_reason)
 from .layout import byte_ranges
 
 log = logging.getLogger("tandem.kvtransfer.tcp")
@@ -202,10 +202,8 @@ class _Conn:
                 if kind == _DONE:
                     if rx is None:
                         self._reject(rid)
-                    else:
-                        rx.payload = body
-                        if rx._set_done():
-                            self.reply(_ACK, rid)
+                    elif rx._complete(body):
+                        self.reply(_ACK, rid)
                 elif kind == _ABORT and rx is not None:
                     rx._fail("peer_aborted", body.decode(errors="replace"))
         except (OSError, ConnectionError) as exc:
@@ -248,7 +246,9 @@ class _Conn:
                 k = min(left, len(staging.np))
                 _recv_exact(self.sock, memoryview(staging.np)[:k])
                 left -= k
-            self._reject(rid, "" if rx is None else "bad frame")
+            if rx is not None:  # a frame outside the reservation: the request cannot be trusted
+                rx._fail("rejected", f"frame for layer {layer} blocks {block}+{n} not reserved")
+            self._reject(rid)
             return
         _recv_exact(self.sock, memoryview(staging.np)[:body_len])
         off = lay.offset(layer, block)
@@ -271,6 +271,7 @@ class _Link:
         self.jobs: queue.Queue = queue.Queue()
         self.sock: Optional[socket.socket] = None
         self.dead = False
+        self.why = ""
         self._writer = engine._spawn(self._write_loop, "link-w")
 
     def shutdown(self, drain_s: float = 0.0) -> None:
@@ -292,6 +293,7 @@ class _Link:
     def _die(self, why: str) -> None:
         if not self.dead:
             log.info("tcp: link to %s lost: %s", self.peer.name, why)
+        self.why = why
         self.shutdown()
         for s in self._senders():
             s._fail("peer_lost", why)
@@ -371,7 +373,7 @@ class _Link:
                 if kind == _ACK:
                     s._set_done()
                 elif kind == _REJECT:
-                    s._fail("peer_aborted" if body else "rejected", body.decode(errors="replace"))
+                    s._fail(*reject_reason(body))
         except (OSError, ConnectionError) as exc:
             self._die(f"recv: {exc}")
 
@@ -390,6 +392,11 @@ class TcpSender(KVSender):
 
     def _post_finish(self) -> None:
         self._link.jobs.put(("done", self))
+
+    def _poll_backend(self) -> None:
+        # A link can die before this sender was registered with it (connect refused at once).
+        if self._link.dead:
+            self._fail("peer_lost", self._link.why or "connection closed")
 
     def _on_failed(self, reason: str) -> None:
         if reason in ("aborted", "transfer_timeout", "bootstrap_timeout", "closed", "transfer_error"):

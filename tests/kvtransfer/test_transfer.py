@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tandem.kvtransfer import KVLayout, LayoutMismatch, create_engine, nixl_available
+from tandem.kvtransfer import (KVLayout, LayoutMismatch, TransferError, create_engine,
+                               nixl_available)
 from tandem.kvtransfer.testing import PeerProcess, RemoteError
 
 LAYOUT = KVLayout(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=128,
@@ -278,3 +279,25 @@ def test_close_fails_live_transfers(backend):
     a.close()
     assert rx.poll().name == "FAILED" and rx.failure == "closed"
     a.close()  # idempotent
+
+
+def test_misuse_is_refused_in_process():
+    a = create_engine("tcp", LAYOUT.allocate())
+    b = create_engine("tcp", LAYOUT.allocate())
+    try:
+        peer = a.connect(b.handshake_info())
+        b.create_receiver("dup", [1], a.name)
+        with pytest.raises(ValueError, match="already has a live transfer"):
+            b.create_receiver("dup", [2], a.name)
+        assert b.live_transfers() == 1
+        tx = a.create_sender(peer, "dup", [3], [1])
+        tx.send_layer(0)
+        with pytest.raises(TransferError, match=r"before layers \[1, 2, 3\]"):
+            tx.finish(b"")
+        with pytest.raises(TransferError, match="sent twice"):
+            tx.send_layer(0)
+        with pytest.raises(ValueError, match="unknown kv transfer backend"):
+            create_engine("carrier-pigeon", LAYOUT.allocate())
+    finally:
+        a.close()
+        b.close()
