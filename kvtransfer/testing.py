@@ -156,6 +156,25 @@ class _Peer:
         self.tx[rid].send_layer(layer, ready)
         return self.tx[rid].poll().name
 
+    def compute_and_send_layer(self, rid: str, layer: int, blocks: Sequence[int], seed: int,
+                               spin_cycles: int = 50_000_000) -> str:
+        """GPU only: write random data into ``blocks`` of ``layer`` on a side stream that is
+        still busy (a spin kernel first), and send the layer gated on the stream's event, as
+        the prefill loop does. A backend that ignored the event would copy the old pages."""
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        idx = torch.as_tensor(list(blocks), device=self.kv.device)
+        g = torch.Generator(device=self.kv.device).manual_seed(seed)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(spin_cycles)
+            data = torch.randn(self.kv[layer, idx].shape, generator=g, device=self.kv.device)
+            self.kv[layer].index_copy_(0, idx, data.to(self.kv.dtype))
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self._keep = getattr(self, "_keep", [])[-64:] + [stream]  # alive until it has run
+        self.tx[rid].send_layer(layer, ev)
+        return self.tx[rid].poll().name
+
     def send_layers(self, rid: str, layers: Optional[Sequence[int]] = None) -> str:
         self.tx[rid].send_layers(layers)
         return self.tx[rid].poll().name

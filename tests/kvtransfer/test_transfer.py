@@ -301,3 +301,42 @@ def test_misuse_is_refused_in_process():
     finally:
         a.close()
         b.close()
+
+
+def _cuda_devices() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_devices() == 0, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", _backends())
+def test_vram_transfer_waits_for_each_layer_event(backend):
+    """GPU 0 -> the last GPU (or GPU 0 again), bf16, each layer gated on its CUDA event."""
+    layout = KVLayout(4, 64, 16, 8, 128, "bfloat16")
+    dst_gpu = _cuda_devices() - 1
+    decode = PeerProcess(backend, layout, device=f"cuda:{dst_gpu}", config=CFG)
+    prefill = PeerProcess(backend, layout, device="cuda:0", config=CFG)
+    try:
+        _link(prefill, decode)
+        prefill.call("fill", value=1.0)  # the stale pages a premature copy would send
+        decode.call("fill", value=POISON)
+        src, dst, rid = [2, 3, 4, 9], [50, 51, 52, 7], "gpu-1"
+        decode.call("receiver", rid, dst, prefill.name)
+        prefill.call("sender", decode.name, rid, src, dst)
+        for layer in range(layout.num_layers):
+            prefill.call("compute_and_send_layer", rid, layer, src, seed=layer)
+        prefill.call("finish", rid, b"gpu")
+        decode.start("wait", "rx", rid, 20)
+        tx = prefill.call("wait", "tx", rid, 20)
+        rx = decode.result()
+        assert tx["state"] == rx["state"] == "DONE" and rx["payload"] == b"gpu", (tx, rx)
+        assert tx["descriptors"] == 3 * layout.num_layers
+        assert np.array_equal(prefill.call("read", src), decode.call("read", dst))
+        others = sorted(set(range(64)) - set(dst))
+        rest = decode.call("read", others)
+        poison = np.full(1, POISON, dtype=np.float32)  # bf16 = the high half of a float32
+        assert (rest.view(np.uint16) == poison.view(np.uint16)[1]).all()
+    finally:
+        prefill.close()
+        decode.close()
