@@ -116,7 +116,8 @@ class TcpEngine(KVTransferEngine):
     def _spawn(self, fn, what: str, *args) -> threading.Thread:
         t = threading.Thread(target=fn, args=args, name=f"kv-tcp-{what}", daemon=True)
         t.start()
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        with self._reg_lock:  # the accept and link threads spawn too
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
         return t
 
     def _handshake_extra(self) -> dict[str, Any]:
@@ -156,7 +157,9 @@ class TcpEngine(KVTransferEngine):
             link.shutdown(drain_s=1.0)  # the 'closed' aborts queued by close() go out first
         for conn in conns:
             conn.shutdown()
-        for t in self._threads:
+        with self._reg_lock:
+            threads = list(self._threads)
+        for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
 
