@@ -51,6 +51,9 @@ FAILURE_REASONS = (
     "closed",             # the engine was closed while the transfer was live
 )
 
+# Failures that start on this side: the peer is told (abort notification/frame) when possible.
+LOCAL_FAILURES = ("aborted", "transfer_timeout", "bootstrap_timeout", "closed", "transfer_error")
+
 
 class KVPoll(enum.Enum):
     BOOTSTRAPPING = "bootstrapping"

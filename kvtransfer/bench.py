@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     decode.call("receiver", rid, dst, prefill.name)
                     decode.start("wait", "rx", rid, 120)
                     tx = prefill.call("transfer", decode.name, rid, src, dst,
-                                      layerwise=not args.all_layers, timeout=120, )
+                                      layerwise=not args.all_layers, timeout=120)
                     rx = decode.result(timeout=180)
                     if tx["state"] != "DONE" or rx["state"] != "DONE":
                         raise RuntimeError(f"{rid}: sender {tx}, receiver {rx}")

@@ -33,8 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .base import (KVReceiver, KVSender, KVTransferEngine, PeerHandle, ReadySignal,
-                   TransferConfig, is_ready, reject_reason)
+from .base import (LOCAL_FAILURES, KVReceiver, KVSender, KVTransferEngine, PeerHandle,
+                   ReadySignal, TransferConfig, is_ready, reject_reason)
 from .layout import byte_ranges
 
 log = logging.getLogger("tandem.kvtransfer.nixl")
@@ -235,13 +235,13 @@ class NixlSender(KVSender):
                 # Releasing a handle still in flight asks the backend to cancel it.
                 e.agent.release_xfer_handle(h)
             except Exception as exc:
-                log.warning("nixl: %s: could not release an in-flight transfer: %s",
+                # Dropping it is enough: the handle's finalizer queues it on the agent, which
+                # releases it again when the agent goes.
+                log.warning("nixl: %s: could not cancel an in-flight transfer: %s",
                             self.request_id, exc)
-                e.agent._leaked_xfer_handles.append(h._handle)  # released again at agent exit
-                h._released = True
         self._handles.clear()
         self._pending.clear()
-        if reason in ("aborted", "transfer_timeout", "bootstrap_timeout", "closed", "transfer_error"):
+        if reason in LOCAL_FAILURES:
             e._notify(self.peer.name, _msg(_ABORT, self.request_id, reason.encode()))
 
 

@@ -35,8 +35,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .base import (KVReceiver, KVSender, KVTransferEngine, PeerHandle, ReadySignal,
-                   TransferConfig, is_ready, reject_reason)
+from .base import (LOCAL_FAILURES, KVReceiver, KVSender, KVTransferEngine, PeerHandle,
+                   ReadySignal, TransferConfig, is_ready, reject_reason)
 from .layout import byte_ranges
 
 log = logging.getLogger("tandem.kvtransfer.tcp")
@@ -402,7 +402,7 @@ class TcpSender(KVSender):
             self._fail("peer_lost", self._link.why or "connection closed")
 
     def _on_failed(self, reason: str) -> None:
-        if reason in ("aborted", "transfer_timeout", "bootstrap_timeout", "closed", "transfer_error"):
+        if reason in LOCAL_FAILURES:
             self._link.jobs.put(("abort", self, reason))
 
 
