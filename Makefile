@@ -19,6 +19,8 @@ HELM_STAMP := $(HELM_VENV)/.tandem-installed
 
 venv: $(STAMP)
 
+# The nixl extra (KV transfer over UCX) is installed on CPU-only machines too: the kvtransfer
+# tests move DRAM between processes with it.
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
@@ -31,7 +33,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install -q --upgrade pip
 	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,nixl]'
 	@touch $(STAMP)
 
 $(K8S_STAMP): $(STAMP) tests/operator/requirements.txt
