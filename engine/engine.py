@@ -90,6 +90,10 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self._streams: dict[str, _Stream] = {}
+        self.held: dict[str, list[int]] = {}     # finished, blocks kept for a KV transfer
+        # Called with the SchedulerOutput after scheduling, before the model runs (the prefill
+        # worker starts KV senders here).
+        self.step_hooks: list = []
         self._labels = (config.model_name, config.role)
         M.ENGINE_KV_BLOCKS_TOTAL.labels(*self._labels).set(self.pool.usable_blocks)
         log.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, attention %s",
@@ -130,6 +134,9 @@ class LLMEngine:
         return seq
 
     def abort_request(self, request_id: str) -> bool:
+        if request_id in self.held:
+            self.release_held(request_id)
+            return True
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -152,6 +159,8 @@ class LLMEngine:
             self._update_gauges()
             return []
         self._set_min_token_masks(sched)
+        for hook in self.step_hooks:
+            hook(sched)
         sample = self.runner.execute(sched)
         outputs = self._postprocess(sched, sample)
         self.events.flush()
@@ -249,11 +258,88 @@ class LLMEngine:
         return out
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
+        self.scheduler.finish(seq, reason, free_blocks=not seq.hold_blocks)
+        if seq.hold_blocks and seq.block_ids:
+            self.held[seq.request_id] = seq.block_ids
         self.seqs.pop(seq.request_id, None)
         self._streams.pop(seq.request_id, None)
         self.runner.sampler.release(seq.key)
         M.ENGINE_REQUESTS_FINISHED.labels(*self._labels, reason).inc()
+
+    # ---- disaggregation ----------------------------------------------------------------------
+    def release_held(self, request_id: str) -> None:
+        """Frees the blocks a finished prefill kept for its KV transfer."""
+        blocks = self.held.pop(request_id, None)
+        if blocks:
+            self.pool.free(blocks)
+        self._update_gauges()
+
+    def reserve_remote(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       min_remote_tokens: int = 1, detokenize: bool = True) -> Sequence | None:
+        """Decode side: reserves KV blocks for a prompt whose KV a prefill worker will write.
+
+        Reuses whatever prefix this engine caches; the returned sequence's ``block_ids`` from
+        ``num_computed_tokens // block_size`` on are the destination blocks. Returns None (and
+        reserves nothing) when fewer than ``min_remote_tokens`` tokens would come from remote
+        or the pool has no room now: the caller then prefills here (conditional disaggregation).
+        """
+        self.validate(prompt_ids, params)
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        seq = Sequence(request_id, list(prompt_ids), params, self.config.block_size)
+        hit = self.scheduler._prefix_hit(seq)
+        cached = len(hit) * self.pool.block_size
+        if seq.prompt_len - cached < max(min_remote_tokens, 1):
+            return None
+        need = seq.blocks_needed(seq.prompt_len) - len(hit)
+        reclaimable = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
+        if need > self.pool.num_free - reclaimable:
+            return None
+        self.pool.touch(hit)
+        seq.block_ids = hit + self.pool.allocate(need)
+        seq.num_computed_tokens = seq.num_cached_tokens = cached
+        seq.external_kv = True
+        self.seqs[request_id] = seq
+        if detokenize or params.stop:
+            self._streams[request_id] = _Stream(self.tokenizer, seq)
+        M.ENGINE_PROMPT_TOKENS.labels(*self._labels).inc(seq.prompt_len)
+        self._update_gauges()
+        return seq
+
+    def commit_remote(self, request_id: str, first_token: int, logprob=None,
+                      remote_cached_tokens: int = 0) -> RequestOutput:
+        """Decode side: the prompt's KV has landed; the sequence joins the running batch with the
+        first token the prefill worker sampled."""
+        seq = self.seqs[request_id]
+        bs = self.pool.block_size
+        seq.num_computed_tokens = seq.prompt_len
+        seq.num_cached_tokens += remote_cached_tokens
+        full = seq.prompt_len // bs
+        if full > seq.num_published_blocks and self.pool.enable_caching:
+            start = seq.num_published_blocks
+            self.pool.cache_full_blocks(seq.block_ids, seq.token_slice(start * bs, full * bs),
+                                        seq.update_hashes(), start, full)
+            seq.num_published_blocks = full
+        seq.status = SeqStatus.RUNNING
+        self.scheduler.running.append(seq)
+        seq.first_token_time = time.monotonic()
+        seq.output_token_ids.append(first_token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        out = self._emit(seq, first_token, logprob)
+        self.events.flush()
+        self._update_gauges()
+        return out
+
+    def release_remote(self, request_id: str) -> None:
+        """Decode side: the remote prefill failed; frees the reserved blocks."""
+        seq = self.seqs.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        if seq is not None and seq.block_ids:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []
+            seq.status = SeqStatus.FINISHED
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         sch = self.scheduler

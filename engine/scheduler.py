@@ -130,8 +130,8 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence wherever it is and frees its blocks."""
+    def finish(self, seq: Sequence, reason: str, free_blocks: bool = True) -> None:
+        """Ends a sequence wherever it is and frees its blocks (unless told to keep them)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -139,7 +139,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        if seq.block_ids:
+        if seq.block_ids and free_blocks:
             self.pool.free(seq.block_ids)
             seq.block_ids = []
         seq.status = SeqStatus.FINISHED

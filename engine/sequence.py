@@ -42,8 +42,11 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     min_tokens_mask: list[int] | None = None   # token ids barred until min_tokens are out
-    # Set by a server that fills this sequence's KV from elsewhere (disaggregated decode).
+    # Disaggregation: the decode side fills this sequence's prompt KV from a prefill worker
+    # (`external_kv`); the prefill side keeps its blocks after it finishes until the KV has been
+    # sent (`hold_blocks`).
     external_kv: bool = False
+    hold_blocks: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -13,9 +13,12 @@ COMMANDS = {
     "make-test-model": ("tandem.engine.make_model",
                         "write a HF-layout model dir with random weights and a trained tokenizer"),
     "generate": ("tandem.engine.generate_cli", "generate text offline with the engine"),
+    "prefill": ("tandem.prefill.server", "run a prefill worker (gRPC + /metrics)"),
+    "decode": ("tandem.decode.server", "run a decode worker (gRPC + /metrics); also prefills short prompts"),
 }
 # subcommand -> (module with main(argv), help): tools that own their whole argument parsing
 DELEGATED = {
+    "operator": ("tandem.operator.cli", "run the Kubernetes operator (kopf)"),
     "bench": ("tandem.bench_cli", "benchmarks: `tandem bench engine` (offline), `tandem bench serve` (HTTP)"),
 }
 
