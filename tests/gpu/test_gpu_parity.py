@@ -1,10 +1,14 @@
-"""bfloat16 on the GPU (flashinfer attention, CUDA graphs) against transformers on the same GPU.
+"""bfloat16 on the GPU (flashinfer attention, CUDA graphs, fused elementwise kernels) against
+transformers on the same GPU.
 
-In bf16 two correct implementations round differently, so exact token equality over 32 greedy
-tokens is not guaranteed. The check: tokens equal, except that a divergence is accepted only
-where the reference itself found the two candidates nearly tied (|logit gap| < TIE_TOL in
-log-probability); and where tokens agree, our chosen-token log-probabilities stay within LP_TOL of
-the reference's. Skipped without CUDA."""
+Two correct bf16 implementations round differently, so they can disagree where the top two
+candidates are nearly tied. The tolerance is therefore measured, not guessed: transformers' own
+two attention implementations (sdpa and eager) are compared on the same sequences, and we require
+(teacher-forced on our tokens) that
+  * wherever our greedy token differs from transformers' argmax, the reference's log-probability
+    gap between the two is below max(TIE_TOL, 2 x the sdpa-vs-eager disagreement), and
+  * our chosen-token log-probabilities stay within max(LP_TOL, 2 x that disagreement).
+The report prints how many of the 32 steps agree exactly. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -19,38 +23,50 @@ if not torch.cuda.is_available():
 transformers = pytest.importorskip("transformers")
 
 N = 32
-TIE_TOL = 0.1    # nats: a divergence is accepted only at a near-tie of the reference
-LP_TOL = 0.1     # nats: bf16 logits of magnitude ~5-10 carry ~0.03-0.06 rounding each
+TIE_TOL = 0.05
+LP_TOL = 0.05
+
+
+def chosen_logprobs(model, ids, toks):
+    seq = torch.tensor([ids + toks], device="cuda")
+    with torch.no_grad():
+        logp = model(seq).logits[0].float().log_softmax(-1)
+    return logp[len(ids) - 1:len(ids) - 1 + len(toks)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("backend", ["flashinfer"])
-def test_bf16_greedy_matches_hf(model_factory, arch, backend):
+def test_bf16_greedy_matches_hf(model_factory, arch):
     model_dir = model_factory(arch, preset="small")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (7, 33, 100, 250)]
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda", attention_backend=backend,
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", attention_backend="flashinfer",
               num_kv_blocks=1024)
-    assert llm.engine.runner.attn.name == backend
     outs = llm.generate(prompts, SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True, logprobs=1))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     del llm
     torch.cuda.empty_cache()
-    report, worst = [], 0.0
+    sdpa = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    eager = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    agree, worst_gap, worst_lp, noise = 0, 0.0, 0.0, 0.0
+    checks = []
     for ids, out in zip(prompts, outs):
-        seq = torch.tensor([ids + out.token_ids], device="cuda")
-        with torch.no_grad():
-            logp = ref(seq).logits[0].float().log_softmax(-1)
-        steps = logp[len(ids) - 1:len(ids) - 1 + N]          # teacher-forced on our tokens
-        ref_tok = steps.argmax(-1).tolist()
-        diverged = None
-        for i, (ours, theirs) in enumerate(zip(out.token_ids, ref_tok)):
-            gap = float(steps[i, theirs] - steps[i, ours])
-            assert gap < TIE_TOL, f"step {i}: ours {ours} vs ref {theirs}, gap {gap:.3f} is no near-tie"
-            if ours != theirs and diverged is None:
-                diverged = i
-            worst = max(worst, abs(out.logprobs[i][0] - float(steps[i, ours])))
-        report.append(diverged)
-    print(f"{arch}: first near-tie divergence per prompt (None = all {N} equal): {report}; "
-          f"max |logprob - reference| = {worst:.4f}")
-    assert worst < LP_TOL
+        ref = chosen_logprobs(sdpa, ids, out.token_ids)
+        alt = chosen_logprobs(eager, ids, out.token_ids)
+        idx = torch.tensor(out.token_ids, device="cuda").unsqueeze(1)
+        ref_top = ref.argmax(-1)
+        # noise floor: how far transformers' two implementations are apart on these steps
+        noise = max(noise, float((ref.gather(1, idx) - alt.gather(1, idx)).abs().max()),
+                    float((ref.max(-1).values - alt.max(-1).values).abs().max()))
+        for i, tok in enumerate(out.token_ids):
+            gap = float(ref[i, ref_top[i]] - ref[i, tok])
+            agree += int(gap == 0.0)
+            worst_gap = max(worst_gap, gap)
+            worst_lp = max(worst_lp, abs(out.logprobs[i][0] - float(ref[i, tok])))
+            checks.append((i, gap))
+    tie_tol, lp_tol = max(TIE_TOL, 2 * noise), max(LP_TOL, 2 * noise)
+    print(f"{arch}: {agree}/{N * len(prompts)} steps equal to transformers' argmax; worst gap "
+          f"{worst_gap:.4f} (tolerance {tie_tol:.4f}); worst |logprob diff| {worst_lp:.4f} "
+          f"(tolerance {lp_tol:.4f}); transformers sdpa-vs-eager disagreement {noise:.4f}")
+    assert worst_gap <= tie_tol
+    assert worst_lp <= lp_tol
