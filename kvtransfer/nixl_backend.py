@@ -165,40 +165,50 @@ class NixlSender(KVSender):
         self._poll_backend()
 
     def _pump(self) -> None:
-        """Post queued layers whose ready signal has fired, in order (events fire in order)."""
+        """Post queued layers whose ready signal has fired, in order (events fire in order).
+
+        Every layer that is ready by now goes out in ONE transfer request: NIXL/UCX pay a fixed
+        cost per request (descriptor setup, completion tracking, a notification), which at
+        NVLink speeds costs more than moving a layer's pages. Layers become ready one by one
+        while the model is ahead of the poller, and all at once when it is behind; either way
+        nothing waits for a later layer.
+        """
         e = self.engine
+        batch: list[int] = []
         while self._pending and not self._state.terminal:
             layers, ready = self._pending[0]
             try:
                 if not is_ready(ready):
-                    return
+                    break
             except Exception as exc:
                 self._fail("transfer_error", f"ready signal raised {exc!r}")
                 return
             self._pending.popleft()
-            rows = byte_ranges(self.runs, layers, e.layout, self.peer.layout)
-            if not len(rows):
-                continue
-            rbase, rdev, rmem = self._remote
-            local = np.stack([rows[:, 0] + e.base, rows[:, 2],
-                              np.full(len(rows), e.dev_id)], axis=1).astype(np.uint64)
-            remote = np.stack([rows[:, 1] + rbase, rows[:, 2],
-                               np.full(len(rows), rdev)], axis=1).astype(np.uint64)
-            try:
-                h = e.agent.initialize_xfer(
-                    "WRITE", e.agent.get_xfer_descs(local, e.mem_type),
-                    e.agent.get_xfer_descs(remote, rmem), self.peer.name,
-                    _msg(_LAYER, self.request_id))
-                st = e.agent.transfer(h)
-            except Exception as exc:
-                self._fail(_reason(exc), f"post: {exc!r}")
-                return
-            self._handles.append((h, int(rows[:, 2].sum())))
-            self.num_descriptors += len(rows)
-            self._touch()
-            if st == "ERR":
-                self._fail("transfer_error", "transfer() returned ERR")
-                return
+            batch.extend(layers)
+        if not batch or self._state.terminal:
+            return
+        rows = byte_ranges(self.runs, batch, e.layout, self.peer.layout)
+        if not len(rows):
+            return
+        rbase, rdev, rmem = self._remote
+        local = np.stack([rows[:, 0] + e.base, rows[:, 2],
+                          np.full(len(rows), e.dev_id)], axis=1).astype(np.uint64)
+        remote = np.stack([rows[:, 1] + rbase, rows[:, 2],
+                           np.full(len(rows), rdev)], axis=1).astype(np.uint64)
+        try:
+            h = e.agent.initialize_xfer(
+                "WRITE", e.agent.get_xfer_descs(local, e.mem_type),
+                e.agent.get_xfer_descs(remote, rmem), self.peer.name,
+                _msg(_LAYER, self.request_id))
+            st = e.agent.transfer(h)
+        except Exception as exc:
+            self._fail(_reason(exc), f"post: {exc!r}")
+            return
+        self._handles.append((h, int(rows[:, 2].sum())))
+        self.num_descriptors += len(rows)
+        self._touch()
+        if st == "ERR":
+            self._fail("transfer_error", "transfer() returned ERR")
 
     def _poll_backend(self) -> None:
         e = self.engine
