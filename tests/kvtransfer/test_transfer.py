@@ -331,7 +331,8 @@ def test_vram_transfer_waits_for_each_layer_event(backend):
         tx = prefill.call("wait", "tx", rid, 20)
         rx = decode.result()
         assert tx["state"] == rx["state"] == "DONE" and rx["payload"] == b"gpu", (tx, rx)
-        assert tx["descriptors"] == 3 * layout.num_layers
+        # runs 2,3,4 -> 50,51,52 and 9 -> 7: two descriptors per layer
+        assert tx["descriptors"] == 2 * layout.num_layers
         assert np.array_equal(prefill.call("read", src), decode.call("read", dst))
         others = sorted(set(range(64)) - set(dst))
         rest = decode.call("read", others)
