@@ -267,7 +267,11 @@ class Frontend:
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequestError(e.details() or "invalid request", param=None) from None
+                    details = e.details() or "invalid request"
+                    # the replica's own context limit can be below the one the router checked
+                    ctx = "max_model_len" in details or "context" in details
+                    raise InvalidRequestError(details, param="prompt" if ctx else None,
+                                              code="context_length_exceeded" if ctx else None) from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise UpstreamTimeout(f"the request took longer than {self.cfg.request_timeout:.0f}s",
                                           code="timeout") from None

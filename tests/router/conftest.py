@@ -87,8 +87,9 @@ class Cluster:
             f"\n--- router\n{self.router.tail()}"
 
 
-def start_cluster(model: str, log_dir, n_prefill: int = 2, router_args=()) -> Cluster:
-    common = ("--served-model-name", MODEL_NAME, "--kv-transfer", "tcp")
+def start_cluster(model: str, log_dir, n_prefill: int = 2, router_args=(),
+                  policy: str = "round-robin", worker_args=()) -> Cluster:
+    common = ("--served-model-name", MODEL_NAME, "--kv-transfer", "tcp", *worker_args)
     prefills = [Proc("prefill", model, *common, log_dir=log_dir) for _ in range(n_prefill)]
     decode = Proc("decode", model, *common, "--remote-prefill-threshold", "1", log_dir=log_dir)
     procs = [*prefills, decode]
@@ -96,7 +97,7 @@ def start_cluster(model: str, log_dir, n_prefill: int = 2, router_args=()) -> Cl
         for p in procs:
             p.wait_ready()
         router = RouterProc(model, [p.endpoint for p in prefills], [decode.endpoint], *router_args,
-                            log_dir=log_dir).wait_ready()
+                            log_dir=log_dir, policy=policy).wait_ready()
     except Exception:
         for p in procs:
             p.stop()
