@@ -6,6 +6,8 @@ answers 503 with Retry-After and /ready turns 503."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import json
 import threading
 import time
 
@@ -80,7 +82,25 @@ def test_no_prefill_left_decode_prefills_itself(failover_cluster, offline):
 
 def test_decode_gone_is_503_with_retry_after(failover_cluster):
     c = failover_cluster
-    c.decode.kill()
+    # two requests under way when the decode replica dies: past their first token, so no retry
+    host, port = c.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    long = {"prompt": "a long one", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+    conn.request("POST", "/v1/completions", body=json.dumps({**long, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data:")
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        plain = ex.submit(post, f"{c.url}/v1/completions", long)
+        time.sleep(0.5)
+        c.decode.kill()
+        status, _, body = plain.result(timeout=60)
+    assert status == 500 and body["error"]["type"] == "server_error", body
+    assert "after the first token" in body["error"]["message"]
+    events = sse_events(resp.read().decode())
+    assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+    assert events[-2]["error"]["message"]
+    conn.close()
     deadline = time.monotonic() + 10
     while get(f"{c.url}/ready")[0] != 503 and time.monotonic() < deadline:
         time.sleep(0.2)

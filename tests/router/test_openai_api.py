@@ -269,6 +269,13 @@ def test_prompt_too_long(cluster):
     assert status == 200, body
 
 
+def test_worker_invalid_argument_is_400(cluster):
+    # the router does not know the engine's vocabulary size: the decode worker refuses the id
+    status, headers, body = completion(cluster.url, prompt=[1, 10 ** 6], max_tokens=2)
+    assert_openai_error(status, headers, body, 400)
+    assert "vocabulary" in body["error"]["message"]
+
+
 def test_router_keeps_serving_after_errors(cluster):
     for body, _ in BAD_BODIES[:5]:
         post(f"{cluster.url}/v1/completions", body)
