@@ -13,9 +13,11 @@ Data flow:
     (in-flight requests, prompt tokens sent and not yet prefilled), fresher than the Info polls;
     and, for replicas whose event stream is down, routing history for the approximate index.
 
-Metrics: tandem_router_routing_decisions (per pool, in choose), tandem_router_decision_duration
-_seconds (choose), tandem_router_prefix_matched_tokens (on_request_start, once per attempt),
-tandem_router_replica_healthy and tandem_router_prefix_index_exact (per replica).
+Metrics: tandem_router_routing_decisions (per pool, with the pool's own reason) and
+tandem_router_decision_duration_seconds, both in `choose` (``records_decision_metrics = True``
+tells the front end not to count them again); tandem_router_replica_healthy and
+tandem_router_prefix_index_exact per replica. tandem_router_prefix_matched_tokens is the front
+end's (it counts ``Decision.matched_tokens`` once, for the attempt that served the request).
 
 Everything runs on the router's asyncio loop; `choose` is synchronous and does no I/O.
 """
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from tandem.metrics import (ROUTER_DECISION_SECONDS, ROUTER_DECISIONS, ROUTER_INDEX_MODE,
-                            ROUTER_PREFIX_MATCHED_TOKENS, ROUTER_REPLICA_HEALTHY)
+                            ROUTER_REPLICA_HEALTHY)
 from tandem.router.discovery import Discovery, StaticDiscovery
 from tandem.router.index import PrefixIndex
 from tandem.router.policies import Candidate, ScoreWeights, make_policy
@@ -50,6 +52,8 @@ class _Flight:
 
 
 class ReplicaPlacement:
+    records_decision_metrics = True
+
     def __init__(self, discovery: Discovery | None = None, policy: str = "cache-aware",
                  weights: ScoreWeights | None = None, info_interval: float = 0.5,
                  approx_ttl: float = 120.0, block_size: int = 0, model: str = "tandem",
@@ -69,7 +73,6 @@ class ReplicaPlacement:
         self._flights: dict[int, _Flight] = {}
         self._started = False
         self._decision_hist = ROUTER_DECISION_SECONDS.labels(model)
-        self._matched = ROUTER_PREFIX_MATCHED_TOKENS.labels(model)
         self._decision_ctr: dict[tuple[str, str], object] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -234,7 +237,6 @@ class ReplicaPlacement:
             p.pending_tokens += f.pending_tokens
         if d is not None:
             d.replica.in_flight += 1
-        self._matched.inc(decision.matched_tokens)
         # approximate index: whoever computes the prompt caches it (a no-op for exact replicas)
         for m in (p, d):
             if m is not None and not m.replica.exact_index:
