@@ -41,24 +41,28 @@ log = logging.getLogger("tandem.router.index")
 INF = math.inf
 
 
-def iter_chain_hashes(tokens, block_size: int) -> Iterator[int]:
+def iter_chain_hashes(tokens, block_size: int, chunk_blocks: int = 8) -> Iterator[int]:
     """The hashes of ``tandem.engine.hashing.chain_hashes(tokens, block_size)``, lazily.
 
-    Same definition (BLAKE2b-64 over u64_le(parent) || u32_le tokens), encoded block by block
-    so the caller can stop early: the index walk usually needs only the blocks some replica
-    holds (~0.8 us per block on a 2-core CPU, against ~20 us to encode a 2k-token prompt up
-    front). tests/router checks it against chain_hashes."""
-    pack = _packer(block_size)
+    Same definition (BLAKE2b-64 over u64_le(parent) || u32_le tokens), but the tokens are encoded
+    ``chunk_blocks`` blocks at a time so the caller can stop early: the index walk usually needs
+    only the blocks some replica holds, and encoding a whole 8k-token prompt up front would cost
+    more than the walk. tests/router checks it against chain_hashes."""
+    n_full = len(tokens) // block_size
     parent = ROOT_HASH.to_bytes(8, "little")
     blake = hashlib.blake2b
-    for off in range(0, len(tokens) - block_size + 1, block_size):
-        parent = blake(parent + pack(*tokens[off:off + block_size]), digest_size=8).digest()
-        yield int.from_bytes(parent, "little")
+    step = 4 * block_size
+    for b0 in range(0, n_full, chunk_blocks):
+        nb = min(chunk_blocks, n_full - b0)
+        buf = _packer(nb * block_size)(*tokens[b0 * block_size:(b0 + nb) * block_size])
+        for off in range(0, nb * step, step):
+            parent = blake(parent + buf[off:off + step], digest_size=8).digest()
+            yield int.from_bytes(parent, "little")
 
 
-@functools.lru_cache(maxsize=8)
-def _packer(block_size: int):
-    return struct.Struct(f"<{block_size}I").pack
+@functools.lru_cache(maxsize=64)
+def _packer(n: int):
+    return struct.Struct(f"<{n}I").pack
 
 
 @dataclass

@@ -119,7 +119,7 @@ class ReplicaPlacement:
                 continue
             m = current[ep] = ReplicaMonitor(ep, pool, self.index, self.info_interval, self.info_timeout,
                                              on_health=self._health, on_info=self._on_info)
-            self.index.add_replica(ep, pool)
+            m.slot = self.index.add_replica(ep, pool)       # stable until the replica leaves
             self._health(m.replica)
             self._index_mode(ep, False)
             log.info("%s replica %s joined", pool, ep)
@@ -186,25 +186,23 @@ class ReplicaPlacement:
         if not dec:
             self._count("decode", "no-decode-replica")
             raise NoReplicaError("no healthy decode replica" + (f" (excluded: {sorted(exclude)})" if exclude else ""))
-        slots = self.index.slot_of
         # one walk for both pools, limited to the candidates (it stops once none holds a block);
         # done for every policy, since matched_tokens is reported either way
-        cached: dict[str, int] = {}
-        blocks, _ = self.index.match(token_ids, self.index.mask_of(m.endpoint for m in pre + dec))
+        mask = 0
+        for m in pre:
+            mask |= 1 << m.slot
+        for m in dec:
+            mask |= 1 << m.slot
+        blocks, _ = self.index.match(token_ids, mask)
         bs = self.block_size
-        for m in pre + dec:
-            s = slots.get(m.endpoint)
-            if s in blocks:
-                cached[m.endpoint] = blocks[s] * bs
         n = len(token_ids)
         if pre:
             pc = self._policy.choose_prefill(
-                [Candidate(m.replica, cached.get(m.endpoint, 0), m.pending_tokens) for m in pre], n)
+                [Candidate(m.replica, blocks.get(m.slot, 0) * bs, m.pending_tokens) for m in pre], n)
             prefill, p_reason, p_cached = pc.endpoint, pc.reason, pc.cached_tokens
         else:
             pc, prefill, p_reason, p_cached = None, None, "no-prefill-replica", 0
-        dc = self._policy.choose_decode([Candidate(m.replica, cached.get(m.endpoint, 0)) for m in dec],
-                                        n, self.block_size)
+        dc = self._policy.choose_decode([Candidate(m.replica, blocks.get(m.slot, 0) * bs) for m in dec], n, bs)
         self._count("prefill", p_reason)
         self._count("decode", dc.reason)
         decision = Decision(prefill=prefill, decode=dc.endpoint, policy=self.policy,

@@ -57,16 +57,16 @@ class ScoreWeights:
         return [f.name for f in fields(cls)]
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     """One replica as a policy sees it."""
     replica: Replica
     cached_tokens: int = 0          # leading prompt tokens it caches (prefix index)
     pending_tokens: int = 0         # prompt tokens this router sent there, not yet prefilled
+    endpoint: str = ""
 
-    @property
-    def endpoint(self) -> str:
-        return self.replica.endpoint
+    def __post_init__(self):
+        self.endpoint = self.replica.endpoint
 
 
 @dataclass
@@ -79,7 +79,8 @@ class Choice:
 
 def prefill_load(c: Candidate, w: ScoreWeights) -> float:
     r = c.replica
-    return max(r.queued_prompt_tokens, c.pending_tokens) + w.request_cost * (r.in_flight + r.running)
+    q = r.queued_prompt_tokens if r.queued_prompt_tokens > c.pending_tokens else c.pending_tokens
+    return q + w.request_cost * (r.in_flight + r.running)
 
 
 def decode_load(c: Candidate, w: ScoreWeights) -> float:
@@ -93,87 +94,77 @@ def _kv_used(r: Replica) -> float:
 
 class Policy:
     """A policy: ``choose_prefill`` / ``choose_decode`` over non-empty candidate lists (the
-    caller handles empty pools). Subclasses override ``_scores``."""
+    caller handles empty pools). Subclasses override ``_score`` (None: round-robin)."""
 
     name = "?"
+    rotate = False
 
     def __init__(self, weights: ScoreWeights | None = None):
         self.w = weights or ScoreWeights()
         self._turn = {"prefill": itertools.count(), "decode": itertools.count()}
 
     def choose_prefill(self, cands: list[Candidate], prompt_len: int) -> Choice:
-        return self._pick("prefill", cands, self._prefill_scores(cands), prefill_load)
+        return self._pick("prefill", cands, prefill_load)
 
     def choose_decode(self, cands: list[Candidate], prompt_len: int, block_size: int) -> Choice:
         # a replica that cannot fit the prompt in its free blocks is a last resort
-        need = -(-prompt_len // max(block_size, 1))
+        bs = max(block_size, 1)
+        need = -(-prompt_len // bs)
         fits = [c for c in cands if not c.replica.total_blocks
-                or c.replica.free_blocks + c.cached_tokens // max(block_size, 1) >= need]
-        return self._pick("decode", fits or cands, self._decode_scores(fits or cands), decode_load)
+                or c.replica.free_blocks + c.cached_tokens // bs >= need]
+        return self._pick("decode", fits or cands, decode_load)
 
-    # ---- scoring (overridden) -------------------------------------------------------------------
-    def _prefill_scores(self, cands: list[Candidate]) -> dict[str, float] | None:
-        return None
+    def _score(self, pool: str, c: Candidate, load: float) -> float:
+        return -load
 
-    def _decode_scores(self, cands: list[Candidate]) -> dict[str, float] | None:
-        return None
-
-    # ---- common pick ------------------------------------------------------------------------------
-    def _pick(self, pool: str, cands: list[Candidate], scores, load_fn) -> Choice:
+    def _pick(self, pool: str, cands: list[Candidate], load_fn) -> Choice:
+        if self.rotate:
+            c = cands[next(self._turn[pool]) % len(cands)]
+            return Choice(c.endpoint, "single-replica" if len(cands) == 1 else "round-robin", c.cached_tokens)
+        w = self.w
+        loads = [load_fn(c, w) for c in cands]
+        scores = {c.endpoint: self._score(pool, c, l) for c, l in zip(cands, loads)}
         if len(cands) == 1:
             c = cands[0]
-            return Choice(c.endpoint, "single-replica", c.cached_tokens,
-                          {c.endpoint: scores[c.endpoint]} if scores else {})
-        if scores is None:       # round-robin
-            c = cands[next(self._turn[pool]) % len(cands)]
-            return Choice(c.endpoint, "round-robin", c.cached_tokens, {})
-        loads = {c.endpoint: load_fn(c, self.w) for c in cands}
+            return Choice(c.endpoint, "single-replica", c.cached_tokens, scores)
         best = max(scores.values())
-        top = [c for c in cands if scores[c.endpoint] >= best - 1e-9]
+        top = [i for i, c in enumerate(cands) if scores[c.endpoint] >= best - 1e-9]
         if len(top) > 1:
-            low = min(loads[c.endpoint] for c in top)
-            top = [c for c in top if loads[c.endpoint] <= low + 1e-9]
+            low = min(loads[i] for i in top)
+            top = [i for i in top if loads[i] <= low + 1e-9]
         if len(top) > 1:
-            win, reason = top[next(self._turn[pool]) % len(top)], "tie"
+            win, reason = cands[top[next(self._turn[pool]) % len(top)]], "tie"
         else:
-            win, reason = top[0], self._reason(win_c=top[0], cands=cands, loads=loads)
+            win = cands[top[0]]
+            reason = self._reason(win, cands)
         return Choice(win.endpoint, reason, win.cached_tokens, scores)
 
-    def _reason(self, win_c: Candidate, cands: list[Candidate], loads: dict[str, float]) -> str:
+    def _reason(self, win: Candidate, cands: list[Candidate]) -> str:
         return self.name
 
 
 class RoundRobin(Policy):
     name = "round-robin"
+    rotate = True
 
 
 class LeastLoad(Policy):
     name = "least-load"
 
-    def _prefill_scores(self, cands):
-        return {c.endpoint: -prefill_load(c, self.w) for c in cands}
-
-    def _decode_scores(self, cands):
-        return {c.endpoint: -decode_load(c, self.w) for c in cands}
-
 
 class CacheAware(Policy):
     name = "cache-aware"
 
-    def _prefill_scores(self, cands):
+    def _score(self, pool, c, load):
         w = self.w
-        return {c.endpoint: w.w_prefix * c.cached_tokens - w.w_load * prefill_load(c, w) for c in cands}
+        if pool == "prefill":
+            return w.w_prefix * c.cached_tokens - w.w_load * load
+        return (w.w_decode_prefix * c.cached_tokens - w.w_decode_load * load
+                - w.w_kv * w.kv_scale * _kv_used(c.replica))
 
-    def _decode_scores(self, cands):
-        w = self.w
-        return {c.endpoint: w.w_decode_prefix * c.cached_tokens - w.w_decode_load * decode_load(c, w)
-                - w.w_kv * w.kv_scale * _kv_used(c.replica) for c in cands}
-
-    def _reason(self, win_c, cands, loads):
+    def _reason(self, win, cands):
         most = max(c.cached_tokens for c in cands)
-        if most and win_c.cached_tokens == most:
-            return "prefix-match"
-        return "load-balance"
+        return "prefix-match" if most and win.cached_tokens == most else "load-balance"
 
 
 def make_policy(name: str, weights: ScoreWeights | None = None) -> Policy:

@@ -40,6 +40,8 @@ class ReplicaMonitor:
                  timeout: float = 2.0, on_health: Callable[[Replica], None] | None = None,
                  on_info: Callable[[Replica, pb.WorkerInfo], None] | None = None):
         self.replica = Replica(endpoint=endpoint, pool=pool)
+        self.endpoint = endpoint
+        self.slot = -1                    # its prefix-index slot (set by placement)
         self.index = index
         self.interval = interval
         self.timeout = timeout
@@ -55,10 +57,6 @@ class ReplicaMonitor:
         self._events_call = None
         self._stream_cancelled = False
         self._warned: set[str] = set()
-
-    @property
-    def endpoint(self) -> str:
-        return self.replica.endpoint
 
     async def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
