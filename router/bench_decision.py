@@ -50,6 +50,9 @@ def build(args, rng: random.Random) -> tuple[ReplicaPlacement, list[list[int]], 
     groups = [[rng.randrange(3, 128_000) for _ in range(args.prefix_blocks * bs)] for _ in range(args.groups)]
     hashes = [list(iter_chain_hashes(g, bs)) for g in groups]
     per = args.blocks // (args.replicas + args.decode)
+    if per > args.groups * args.prefix_blocks:
+        raise SystemExit(f"--blocks {args.blocks} over {args.replicas + args.decode} replicas needs more than "
+                         f"--groups x --prefix-blocks = {args.groups * args.prefix_blocks} distinct blocks")
     t0 = time.perf_counter()
     stored = 0
     for ep in pre + dec:

@@ -71,6 +71,7 @@ class SlotState:
     pool: str
     exact: bool = False
     seq: int | None = None          # last applied seq of the live subscription (None: none yet)
+    warned_block_size: bool = False
 
 
 class PrefixIndex:
@@ -159,7 +160,8 @@ class PrefixIndex:
             kind = getattr(ev, "type", None) or ev.WhichOneof("event")
             if kind == "stored":
                 e = getattr(ev, "stored", ev)
-                if e.block_size and e.block_size != self.block_size:
+                if e.block_size and e.block_size != self.block_size and not st.warned_block_size:
+                    st.warned_block_size = True
                     log.warning("%s stores %d-token blocks, the index hashes %d-token blocks: "
                                 "its prefix matches will be missed", endpoint, e.block_size, self.block_size)
                 self._store(slot, e.block_hashes, INF)

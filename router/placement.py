@@ -74,6 +74,7 @@ class ReplicaPlacement:
         self._started = False
         self._decision_hist = ROUTER_DECISION_SECONDS.labels(model)
         self._decision_ctr: dict[tuple[str, str], object] = {}
+        self._warned_bs: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -165,13 +166,12 @@ class ReplicaPlacement:
             return
         if self.auto_block_size and not any(m.last_info for p in POOLS for m in self.monitors[p].values()
                                             if m.replica is not r):
+            # events carry the workers' own hashes, so nothing stored needs resyncing; only
+            # approximate history hashed with the old size is useless (it expires)
             log.info("block size %d (from %s)", bs, r.endpoint)
             self.block_size = self.index.block_size = bs
-            for p in POOLS:            # hashes of the old size are useless: resync every stream
-                for m in self.monitors[p].values():
-                    m.index.set_approximate(m.endpoint)
-                    m._cancel_stream()
-        else:
+        elif r.endpoint not in self._warned_bs:
+            self._warned_bs.add(r.endpoint)
             log.warning("%s uses %d-token blocks, the router %d: its prefix matches are missed "
                         "(set --block-size to the workers' value)", r.endpoint, bs, self.block_size)
 
