@@ -128,10 +128,9 @@ class ReplicaPlacement:
                 asyncio.get_running_loop().create_task(m.start())
         for ep in sorted(current.keys() - wanted):
             log.info("%s replica %s left", pool, ep)
-            if self._started:
-                asyncio.get_running_loop().create_task(self._remove(pool, ep))
-            else:
-                self._forget(pool, ep)
+            m = self._forget(pool, ep)          # out of choose() at once; the RPCs stop after
+            if m is not None and self._started:
+                asyncio.get_running_loop().create_task(m.stop())
 
     async def _remove(self, pool: str, ep: str) -> None:
         m = self._forget(pool, ep)

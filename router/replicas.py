@@ -112,8 +112,11 @@ class ReplicaMonitor:
         while True:
             try:
                 info = await self._stub.Info(pb.InfoRequest(version=VERSION), timeout=self.timeout)
-            except grpc.aio.AioRpcError as e:
-                self._set_healthy(False, f"Info: {e.code().name}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:          # AioRpcError mostly; anything else must not end polling
+                why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else repr(e)
+                self._set_healthy(False, f"Info: {why}")
                 self._cancel_stream()
             else:
                 self.apply_info(info)
@@ -132,7 +135,7 @@ class ReplicaMonitor:
     async def _events_loop(self) -> None:
         backoff = 0.2
         while True:
-            gap = False
+            gap, call = False, None
             try:
                 call = self._events_call = self._stub.KVEvents(pb.KVEventsRequest(version=VERSION))
                 first = True
@@ -148,7 +151,11 @@ class ReplicaMonitor:
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED:
                     log.debug("KV events from %s: %s", self.endpoint, e.code().name)
+            except Exception:               # a bad batch must not leave the index "exact" and stale
+                log.exception("KV events from %s", self.endpoint)
             finally:
+                if call is not None and not call.done():
+                    call.cancel()
                 self._events_call = None
                 self._stream_cancelled = False
             if gap:
