@@ -290,7 +290,8 @@ def add_placement_arguments(parser) -> None:
     g.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     g.add_argument("--worker-grpc-port", type=int, default=50061,
                    help="workers' gRPC port where an EndpointSlice names no 'grpc' port")
-    g.add_argument("--info-interval", type=float, default=0.5, help="seconds between Info polls per replica")
+    g.add_argument("--info-interval", "--health-interval", type=float, default=0.5, dest="info_interval",
+                   help="seconds between Info polls (load + health) per replica")
     g.add_argument("--info-timeout", type=float, default=2.0, help="Info RPC deadline; a miss marks unhealthy")
     g.add_argument("--approx-ttl", type=float, default=120.0,
                    help="seconds a replica without a KV-event stream is assumed to cache a routed prompt")
