@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("tandem.engine.generate_cli", "generate text offline with the engine"),
     "prefill": ("tandem.prefill.server", "run a prefill worker (gRPC + /metrics)"),
     "decode": ("tandem.decode.server", "run a decode worker (gRPC + /metrics); also prefills short prompts"),
+    "serve": ("tandem.serve.cli", "run router + prefill + decode workers on this machine, supervised "
+                                  "(local processes or Ray)"),
 }
 # subcommand -> (module with main(argv), help): tools that own their whole argument parsing
 DELEGATED = {
