@@ -11,10 +11,10 @@ their parent exits; the pids collected while the tree was intact are the last-re
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -22,21 +22,30 @@ from dataclasses import dataclass
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the thread that spawned it exits."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - not Linux: the supervisor's own cleanup still applies
-        pass
+# Runs before the role's command, in the child: ask the kernel for SIGKILL when the parent dies,
+# then exec the real command (same pid, so `ps` shows `python -m tandem ROLE ...`). Done by exec
+# rather than subprocess's preexec_fn because preexec_fn is unsafe in a threaded parent (a Ray
+# actor is one).
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys\n"
+    "try:\n"
+    f"    ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"                     # the parent is already gone: do not start at all
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
 
 
 def spawn(cmd: list[str], env_extra: dict[str, str], log_path: str) -> subprocess.Popen:
-    """Starts `cmd` as the leader of a new session/process group, output appended to log_path."""
+    """Starts `cmd` as the leader of a new session/process group, output appended to log_path,
+    killed by the kernel if this process dies first."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     log = open(log_path, "ab")
+    wrapped = [sys.executable, "-S", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *cmd]
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        return subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     finally:
         log.close()          # the child holds its own descriptor
 
