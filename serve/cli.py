@@ -22,10 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "base URL. Workers that die are restarted with backoff; Ctrl-C or SIGTERM drains and "
         "stops everything. With no --model a small demo model is generated on first use, so "
         "this works offline on a CPU-only machine.")
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "examples:\n"
+        "  tandem serve                                  # demo model, 1 prefill + 1 decode, CPU or GPU\n"
+        "  tandem serve --model ./Llama-3.1-8B --prefill 2 --decode 2 --port 8000\n"
+        "  tandem serve --launcher ray --ray-address auto  # the same roles as actors on a Ray cluster\n"
+        "then: OpenAI clients with base_url http://127.0.0.1:8000/v1 (any API key)")
     config.add_arguments(p)
     p.add_argument("--ready-timeout", type=float, default=900.0,
-                   help="seconds to wait for every process to be ready (model loading included)")
+                   help="seconds to wait for every process to be ready, model loading included "
+                        "(default 900)")
 
 
 def run(args: argparse.Namespace) -> int:

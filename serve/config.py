@@ -87,15 +87,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None,
                    help="model id clients send (default: the directory name; 'demo' for the demo)")
     g.add_argument("--prefill", type=int, default=1, metavar="N",
-                   help="prefill workers (0: decode workers prefill prompts themselves)")
-    g.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers (at least 1)")
+                   help="prefill workers (default 1; 0: decode workers prefill prompts themselves)")
+    g.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers (default 1)")
     g.add_argument("--policy", default="cache-aware",
-                   choices=["cache-aware", "least-load", "round-robin"], help="router placement policy")
+                   choices=["cache-aware", "least-load", "round-robin"],
+                   help="router placement policy (default cache-aware)")
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
                    help="address the router listens on (0.0.0.0 to serve other machines)")
-    g.add_argument("--port", type=int, default=8000, help="router HTTP port: the OpenAI API")
-    g.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port (tandem.v1.Router)")
+    g.add_argument("--port", type=int, default=8000, help="router HTTP port: the OpenAI API (default 8000)")
+    g.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port, tandem.v1.Router (default 50051)")
     g.add_argument("--worker-port-base", type=int, default=0,
                    help="worker i gets gRPC port BASE+2i and HTTP port BASE+2i+1 "
                         "(default 0: free ports picked at start-up)")
@@ -103,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: one worker per GPU where CUDA GPUs are visible "
                         "(CUDA_VISIBLE_DEVICES is honoured), else CPU")
-    g.add_argument("--dtype", default="auto", help="weights/KV dtype passed to the workers")
+    g.add_argument("--dtype", default="auto", help="weights/KV dtype passed to the workers (default auto: from config.json)")
     g.add_argument("--kv-transfer", default=None, choices=["nixl", "tcp"],
                    help="KV transfer between prefill and decode (default: nixl where it imports, "
                         "else tcp)")
@@ -121,10 +122,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join (default: start a local one with ray.init())")
     g.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process (with exponential backoff) before it is "
-                        "reported as failing and left down")
+                        "reported as failing and left down (default 5)")
     g.add_argument("--drain-timeout", type=float, default=10.0,
                    help="seconds each process may take to finish in-flight requests on shutdown "
-                        "before it is killed")
+                        "before it is killed (default 10)")
     g.add_argument("--log-dir", default=None,
                    help="one log file per process (default: a new temporary directory)")
     g.add_argument("--status-file", default=None,
