@@ -23,7 +23,7 @@ RUN set -eux; \
     pip install ".[nixl,k8s]" "huggingface_hub[cli]"; \
     useradd --uid 10001 --create-home tandem; \
     # A tiny generated model for the CPU demo (examples/demo-cpu.yaml: file:///models/demo).
-    mkdir -p /models && tandem make-test-model --output /models/demo && chown -R tandem /models
+    mkdir -p /models && tandem make-test-model /models/demo --preset tiny && chown -R tandem /models
 
 USER 10001
 WORKDIR /home/tandem

@@ -195,14 +195,7 @@ class LLMEngine:
             before = seq.num_computed_tokens
             seq.num_computed_tokens += s.num_new
             computed_prompt += max(0, min(seq.num_computed_tokens, seq.prompt_len) - before)
-            # Publish blocks whose KV is now complete.
-            bs = self.pool.block_size
-            full = seq.num_computed_tokens // bs
-            if full > seq.num_published_blocks and self.pool.enable_caching:
-                start = seq.num_published_blocks
-                self.pool.cache_full_blocks(seq.block_ids, seq.token_slice(start * bs, full * bs),
-                                            seq.update_hashes(), start, full)
-                seq.num_published_blocks = full
+            self._publish_computed_blocks(seq)
             if not s.sample:
                 continue
             token = sample.token_ids[k]
@@ -220,6 +213,16 @@ class LLMEngine:
         M.ENGINE_COMPUTED_PROMPT_TOKENS.labels(*self._labels).inc(computed_prompt)
         M.ENGINE_GENERATION_TOKENS.labels(*self._labels).inc(len(outputs))
         return outputs
+
+    def _publish_computed_blocks(self, seq: Sequence) -> None:
+        """Offers the sequence's blocks whose KV is now complete to the prefix cache."""
+        bs = self.pool.block_size
+        full = seq.num_computed_tokens // bs
+        if full > seq.num_published_blocks and self.pool.enable_caching:
+            start = seq.num_published_blocks
+            self.pool.cache_full_blocks(seq.block_ids, seq.token_slice(start * bs, full * bs),
+                                        seq.update_hashes(), start, full)
+            seq.num_published_blocks = full
 
     def _emit(self, seq: Sequence, token: int, lp) -> RequestOutput:
         p = seq.params
@@ -317,15 +320,9 @@ class LLMEngine:
         """Decode side: the prompt's KV has landed; the sequence joins the running batch with the
         first token the prefill worker sampled."""
         seq = self.seqs[request_id]
-        bs = self.pool.block_size
         seq.num_computed_tokens = seq.prompt_len
         seq.num_cached_tokens += remote_cached_tokens
-        full = seq.prompt_len // bs
-        if full > seq.num_published_blocks and self.pool.enable_caching:
-            start = seq.num_published_blocks
-            self.pool.cache_full_blocks(seq.block_ids, seq.token_slice(start * bs, full * bs),
-                                        seq.update_hashes(), start, full)
-            seq.num_published_blocks = full
+        self._publish_computed_blocks(seq)
         seq.status = SeqStatus.RUNNING
         self.scheduler.running.append(seq)
         seq.first_token_time = time.monotonic()

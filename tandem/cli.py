@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("tandem.engine.generate_cli", "generate text offline with the engine"),
     "prefill": ("tandem.prefill.server", "run a prefill worker (gRPC + /metrics)"),
     "decode": ("tandem.decode.server", "run a decode worker (gRPC + /metrics); also prefills short prompts"),
+    "router": ("tandem.router.cli", "run the router: OpenAI HTTP API + tandem.v1.Router gRPC in front "
+                                    "of the prefill and decode pools"),
     "serve": ("tandem.serve.cli", "run router + prefill + decode workers on this machine, supervised "
                                   "(local processes or Ray)"),
 }

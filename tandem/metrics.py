@@ -83,6 +83,9 @@ ROUTER_PREFIX_MATCHED_TOKENS = Counter(
 ROUTER_DECISIONS = Counter(
     "tandem_router_routing_decisions", "Placement decisions by pool, policy and reason",
     ("model", "pool", "policy", "reason"))
+ROUTER_RETRIES = Counter(
+    "tandem_router_retries", "Requests sent again to another replica after a failure before the "
+    "first token", M)
 ROUTER_IN_FLIGHT = Gauge("tandem_router_requests_in_flight", "Requests being served", M)
 ROUTER_QUEUE = Gauge("tandem_router_queue_depth", "Requests waiting for admission", M)
 ROUTER_REPLICA_HEALTHY = Gauge(
