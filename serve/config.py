@@ -194,6 +194,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def resolve(args: argparse.Namespace, log=print) -> ServeConfig:
     if args.decode < 1:
         raise SystemExit("--decode must be at least 1 (decode workers answer every request)")
@@ -214,6 +224,10 @@ def resolve(args: argparse.Namespace, log=print) -> ServeConfig:
         kv = "nixl" if why is None else "tcp"
         if why:
             notes.append(f"KV transfer over tcp (nixl unavailable: {why.splitlines()[0][:80]})")
+    for port, what in ((args.port, "--port"), (args.grpc_port, "--grpc-port")):
+        if not port_free(args.host, port):
+            raise SystemExit(f"{what} {port}: the port is in use on {args.host} (another "
+                             "`tandem serve`?); pick another one")
     blocks = args.num_kv_blocks
     if blocks is None and device == "cpu":
         blocks = CPU_KV_BLOCKS

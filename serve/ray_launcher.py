@@ -104,8 +104,9 @@ class RayLauncher:
                 out("[serve] starting a local Ray instance ...")
                 # CPU bundles are bookkeeping here (the workers are subprocesses that share the
                 # cores), so a small machine still fits one bundle per process.
-                ray.init(num_cpus=max(os.cpu_count() or 1, n_workers + 1), num_gpus=len(cfg.gpus),
-                         object_store_memory=128 << 20, **kw)
+                # address="local": a new instance even where RAY_ADDRESS names a running cluster
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, n_workers + 1),
+                         num_gpus=len(cfg.gpus), object_store_memory=128 << 20, **kw)
         gpu = bool(cfg.gpus)
         bundles = [{"GPU": 1, "CPU": 1} if gpu else {"CPU": 1} for _ in range(n_workers)] + [{"CPU": 1}]
         self.pg = placement_group(bundles, strategy="PACK")

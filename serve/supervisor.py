@@ -143,7 +143,7 @@ class Supervisor:
         try:
             self.start_all()
             if not self.wait_ready():
-                return 1
+                return 0 if self._signals else 1     # Ctrl-C during start-up is no failure
             self.banner()
             return self.supervise()
         finally:

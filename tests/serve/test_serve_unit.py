@@ -235,3 +235,17 @@ def test_supervisor_restarts_a_killed_worker_and_stops_cleanly(tmp_path, monkeyp
     st = json.loads((tmp_path / "status.json").read_text())
     assert {p["name"]: p["state"] for p in st["processes"]} == {
         "prefill-0": "stopped", "decode-0": "stopped", "router": "stopped"}
+
+
+def test_port_in_use_is_refused_before_anything_starts(tmp_path, monkeypatch) -> None:
+    import socket
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(SystemExit, match="in use"):
+            config.resolve(parse("--model", str(model), "--port", str(busy), "--kv-transfer", "tcp"))
