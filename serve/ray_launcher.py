@@ -52,9 +52,12 @@ class RoleActor:
         if starts:
             time.sleep(backoff(starts))
         argv, env = list(self.spec.argv), dict(self.spec.env)
-        if remote and self.spec.role != "router":
+        if remote:
+            # reachable from the driver and the other nodes: listen everywhere, name the node
             self.spec.host = ray.util.get_node_ip_address()
-            argv += ["--host", "0.0.0.0", "--advertise-host", self.spec.host]
+            argv += ["--host", "0.0.0.0"]
+            if self.spec.role != "router":
+                argv += ["--advertise-host", self.spec.host]
         if ray.get_gpu_ids():
             env.pop("CUDA_VISIBLE_DEVICES", None)     # Ray set it to this bundle's GPU
         with open(log_path, "ab") as f:
