@@ -123,9 +123,13 @@ def test_backoff_grows_and_caps() -> None:
 def test_descendants_and_leftover_kill(tmp_path) -> None:
     p = procs.spawn(["/bin/sh", "-c", "sleep 60 & sleep 60 & wait"], {}, str(tmp_path / "log"))
     deadline = time.monotonic() + 10
-    while len(procs.descendants(os.getpid())) < 3 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        # the shell and its two sleeps (other tests may have left processes of their own)
+        tree = [d for d in procs.descendants(os.getpid())
+                if d.pid == p.pid or (procs._stat(d.pid) or (0,))[0] == p.pid]
+        if len(tree) == 3:
+            break
         time.sleep(0.05)
-    tree = [d for d in procs.descendants(os.getpid()) if d.pid == p.pid or procs._stat(d.pid)[0] == p.pid]
     assert len(tree) == 3 and all(d.alive() for d in tree)
     os.kill(p.pid, signal.SIGKILL)       # the shell dies; its sleeps are re-parented, not killed
     p.wait()
