@@ -20,7 +20,8 @@ HELM_STAMP := $(HELM_VENV)/.tandem-installed
 venv: $(STAMP)
 
 # The nixl extra (KV transfer over UCX) is installed on CPU-only machines too: the kvtransfer
-# tests move DRAM between processes with it.
+# tests move DRAM between processes with it. The ray extra (plain `ray`, no dashboard or
+# serve extras: one wheel) lets e2e/ run `tandem serve --launcher ray` in CI.
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then \
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install -q --upgrade pip
 	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,nixl]'
+	$(PIP) install -q -e '.[test,nixl,ray]'
 	@touch $(STAMP)
 
 $(K8S_STAMP): $(STAMP) tests/operator/requirements.txt

@@ -96,6 +96,12 @@ class LLMEngine:
         self.step_hooks: list = []
         self._labels = (config.model_name, config.role)
         M.ENGINE_KV_BLOCKS_TOTAL.labels(*self._labels).set(self.pool.usable_blocks)
+        # Counters are served (at 0) from the start, not from their first event: a dashboard's
+        # rate() then shows 0 for a worker that has not preempted anything yet instead of no data.
+        for counter in (M.ENGINE_PREEMPTIONS, M.ENGINE_PROMPT_TOKENS, M.ENGINE_COMPUTED_PROMPT_TOKENS,
+                        M.ENGINE_GENERATION_TOKENS, M.ENGINE_PREFIX_HIT_TOKENS,
+                        M.ENGINE_PREFIX_QUERY_TOKENS):
+            counter.labels(*self._labels)
         log.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, attention %s",
                  mc.architecture, self.runner.device, self.pool.usable_blocks, config.block_size,
                  self.max_model_len, self.runner.attn.name)

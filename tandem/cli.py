@@ -17,6 +17,8 @@ COMMANDS = {
     "decode": ("tandem.decode.server", "run a decode worker (gRPC + /metrics); also prefills short prompts"),
     "router": ("tandem.router.cli", "run the router: OpenAI HTTP API + tandem.v1.Router gRPC in front "
                                     "of the prefill and decode pools"),
+    "serve": ("tandem.serve.cli", "run router + prefill + decode workers on this machine, supervised "
+                                  "(local processes or Ray)"),
 }
 # subcommand -> (module with main(argv), help): tools that own their whole argument parsing
 DELEGATED = {
