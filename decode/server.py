@@ -28,7 +28,7 @@ from tandem.engine.errors import InvalidRequestError
 from tandem.engine.service import Worker, add_worker_arguments, run_worker
 from tandem.proto import worker_pb2 as pb
 from tandem.proto import worker_pb2_grpc as pb_grpc
-from tandem.proto.convert import (VERSION, check_version, logprob_from_proto, logprob_to_proto,
+from tandem.proto.convert import (VERSION, check_version, logprob_to_proto,
                                   params_from_proto, params_to_proto)
 
 log = logging.getLogger("tandem.decode")

@@ -37,7 +37,6 @@ import torch
 
 from .base import (LOCAL_FAILURES, KVReceiver, KVSender, KVTransferEngine, PeerHandle,
                    ReadySignal, TransferConfig, is_ready, reject_reason)
-from .layout import byte_ranges
 
 log = logging.getLogger("tandem.kvtransfer.tcp")
 

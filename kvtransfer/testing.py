@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import asdict
 from multiprocessing import get_context
 from typing import Any, Optional, Sequence
 

@@ -24,22 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Proc:
-    def __init__(self, role: str, model: str, *extra: str, log_dir=None):
-        self.role = role
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.endpoint = f"127.0.0.1:{self.grpc_port}"
-        cmd = [sys.executable, "-m", "tandem", role, "--model", model, "--device", "cpu",
-               "--dtype", "float32", "--host", "127.0.0.1", "--advertise-host", "127.0.0.1",
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--num-kv-blocks", "256", *extra]
-        self.log_path = os.path.join(log_dir or "/tmp", f"{role}-{self.grpc_port}.log")
+class Managed:
+    """A server process in its own process group, logging to a file, ready when its HTTP
+    ``/ready`` answers 200. Subclasses build the command."""
+
+    role = "process"
+
+    def _launch(self, cmd: list[str], log_dir) -> None:
+        self.log_path = os.path.join(log_dir or "/tmp", f"{self.role}-{self.http_port}.log")
         self.log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
 
-    def wait_ready(self, timeout: float = 120) -> "Proc":
+    def wait_ready(self, timeout: float = 120):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.p.poll() is not None:
@@ -59,6 +57,34 @@ class Proc:
         with open(self.log_path) as f:
             return "".join(f.readlines()[-n:])
 
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, sig)
+            self.p.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful drain), SIGKILL after 30 s."""
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+class Proc(Managed):
+    """A `tandem prefill|decode` worker on free ports (CPU, float32, 256 KV blocks by default)."""
+
+    def __init__(self, role: str, model: str, *extra: str, log_dir=None):
+        self.role = role
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.endpoint = f"127.0.0.1:{self.grpc_port}"
+        self._launch([sys.executable, "-m", "tandem", role, "--model", model, "--device", "cpu",
+                      "--dtype", "float32", "--host", "127.0.0.1", "--advertise-host", "127.0.0.1",
+                      "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+                      "--num-kv-blocks", "256", *extra], log_dir)
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as r:
             return r.read().decode()
@@ -68,15 +94,6 @@ class Proc:
             stub = (pb_grpc.PrefillWorkerStub if self.role == "prefill" else pb_grpc.DecodeWorkerStub)(ch)
             return stub.Info(pb.InfoRequest(version=VERSION), timeout=10)
 
-    def kill(self, sig=signal.SIGKILL) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, sig)
-            self.p.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.kill(signal.SIGTERM)
-        self.log.close()
 
 
 def metric_value(text: str, name: str, **labels) -> float:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,55 +14,24 @@ from dataclasses import dataclass
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from tests.pd.harness import Proc, free_port
+from tests.pd.harness import Managed, Proc, free_port
 
 MODEL_NAME = "tiny"
 
 
-class RouterProc:
+class RouterProc(Managed):
+    role = "router"
+
     def __init__(self, model: str, prefill: list[str], decode: list[str], *extra: str,
                  log_dir=None, policy: str = "round-robin"):
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_endpoint = f"127.0.0.1:{self.grpc_port}"
-        cmd = [sys.executable, "-m", "tandem", "router", "--model", model,
-               "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
-               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--policy", policy, "--discovery", "static",
-               "--prefill", ",".join(prefill), "--decode", ",".join(decode), *extra]
-        self.log_path = os.path.join(log_dir or "/tmp", f"router-{self.http_port}.log")
-        self.log = open(self.log_path, "w")
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120) -> "RouterProc":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"router exited ({self.p.returncode}):\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"router not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        self.log.flush()
-        with open(self.log_path) as f:
-            return "".join(f.readlines()[-n:])
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-        self.log.close()
+        self._launch([sys.executable, "-m", "tandem", "router", "--model", model,
+                      "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
+                      "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                      "--policy", policy, "--discovery", "static",
+                      "--prefill", ",".join(prefill), "--decode", ",".join(decode), *extra], log_dir)
 
 
 @dataclass
