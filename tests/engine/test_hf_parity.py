@@ -108,3 +108,19 @@ def test_llama3_rope_scaling_matches_hf(tmp_path):
     expected, _ = hf_greedy(model_dir, prompts, MAX_NEW)
     outs = LLM(model_dir, dtype="float32").generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == expected
+
+
+def test_mistral_matches_hf(tmp_path, tiny_llama):
+    """MistralForCausalLM (no sliding window) through the same loader, against transformers'
+    own Mistral implementation."""
+    import json
+    import shutil
+    d = tmp_path / "mistral"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    prompts = make_prompts(1000, seed=5)[:4]
+    expected, _ = hf_greedy(str(d), prompts, MAX_NEW)
+    outs = LLM(str(d), dtype="float32").generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
