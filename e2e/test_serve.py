@@ -322,6 +322,9 @@ def test_nixl_deployment(tiny_model, tmp_path):
                    extra=("--remote-prefill-threshold", "8"))
     try:
         run.wait_ready()
+        # the router serves as soon as a decode replica is healthy; wait for the prefill one too,
+        # or the first request is (correctly) prefilled on the decode worker
+        run.wait_router_healthy("prefill-0")
         c = client(run)
         r = c.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=6)
         assert r.usage.completion_tokens == 6

@@ -8,9 +8,11 @@ A front parses and tokenizes a request into `GenRequest`s (one per choice) and i
      replica with ``prefill_endpoint`` set to the chosen prefill replica (channels are cached per
      endpoint);
   3. yields one `Delta` per GenerateResponse (text arrives detokenized, stop strings applied);
-  4. if the call fails retryably (UNAVAILABLE & co.) before anything was yielded, asks the
+  4. if the call fails retryably (UNAVAILABLE & co.) before the client has seen anything of this
+     request (`GenRequest.visible`, set by the front when it writes to the client), asks the
      placement again with the failed endpoint excluded (bounded attempts, exponential backoff);
-     once something was yielded a failure is the client's error (a retry would repeat text).
+     deltas already yielded but not shown are withdrawn with a ``reset`` delta. Once the client
+     has seen output, a failure is the client's error (a retry would repeat or change text).
 Cancelling the iteration (client gone) cancels the gRPC call, and the worker aborts the request.
 Latency histograms, token counters and the routing-decision counters are updated here; request
 counts by status are the fronts' (they know the status they answer).
@@ -63,6 +65,9 @@ class GenRequest:
     request_id: str
     token_ids: list[int]
     params: SamplingParams
+    visible: bool = False            # the front has written some of this request's output
+
+
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reset: bool = False              # withdraw every earlier delta of this request (a retry)
 
 
 class Admission:
@@ -275,10 +281,12 @@ class Frontend:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise UpstreamTimeout(f"the request took longer than {self.cfg.request_timeout:.0f}s",
                                           code="timeout") from None
-                if sent or code not in RETRYABLE or attempt == self.cfg.retries:
-                    where = "after the first token" if sent else f"after {attempt + 1} attempt(s)"
+                if req.visible or code not in RETRYABLE or attempt == self.cfg.retries:
+                    where = "after its first output" if req.visible else f"after {attempt + 1} attempt(s)"
                     raise UpstreamError(f"decode replica {decision.decode} failed {where}: "
                                         f"{code.name}: {e.details()}", code="upstream_error") from None
+                if sent:
+                    yield Delta([], "", [], reset=True)   # nothing reached the client: start over
                 culprit = self._culprit(decision, e)
                 exclude.add(culprit)
                 log.warning("request %s: %s failed before the first token (%s: %s); retrying "

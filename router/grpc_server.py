@@ -77,6 +77,9 @@ class RouterService(rpb_grpc.RouterServicer):
             try:
                 req = self._prepare(request)
                 async for d in self.fe.generate(req):
+                    if d.reset:        # a retry withdrew deltas that were never sent: none here
+                        continue
+                    req.visible = True
                     yield rpb.RouterGenerateResponse(
                         token_ids=d.token_ids, text=d.text,
                         logprobs=[logprob_to_proto(lp) for lp in d.logprobs],

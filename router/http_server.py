@@ -222,6 +222,7 @@ class HTTPFront:
                     break
                 choices[i].add(item)
                 for chunk in fmt.chunks(choices[i], item):
+                    subs[i].visible = True
                     await send(chunk)
             else:
                 if prep.include_usage:

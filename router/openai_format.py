@@ -32,6 +32,10 @@ class Choice:
     text_offset: int = 0            # streaming: completions logprobs text_offset so far
 
     def add(self, d: Delta) -> None:
+        if d.reset:   # the router retried elsewhere before any of this choice was sent
+            self.text, self.token_ids, self.logprobs = [], [], []
+            self.finish_reason = self.stop_reason = None
+            return
         self.text.append(d.text)
         self.token_ids.extend(d.token_ids)
         self.logprobs.extend(d.logprobs)

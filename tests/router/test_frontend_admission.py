@@ -141,3 +141,76 @@ def test_overloaded_router_answers_429_then_503_and_recovers(cluster, tmp_path):
         assert status == 200, body
     finally:
         r.stop()
+
+
+def test_retry_after_invisible_output_withdraws_it():
+    """A decode replica that dies after sending tokens the client has not seen: the router retries
+    elsewhere and withdraws the partial output with a reset delta; once output is visible it
+    does not retry."""
+    import asyncio
+
+    import grpc
+
+    from tandem.engine.sampling import SamplingParams
+    from tandem.router.frontend import Frontend, FrontendConfig, GenRequest
+    from tandem.router.types import Decision
+
+    class Boom(grpc.aio.AioRpcError):
+        def __init__(self):
+            super().__init__(grpc.StatusCode.UNAVAILABLE, None, None, "socket closed")
+
+    class Call:
+        def __init__(self, tokens, fail):
+            self.tokens, self.fail = tokens, fail
+
+        def __aiter__(self):
+            return self._gen()
+
+        async def _gen(self):
+            from tandem.proto import worker_pb2 as pb
+            for i, t in enumerate(self.tokens):
+                last = i == len(self.tokens) - 1 and not self.fail
+                yield pb.GenerateResponse(token_ids=[t], text=f"<{t}>", finish_reason="length" if last else "",
+                                          completion_tokens=i + 1)
+            if self.fail:
+                raise Boom()
+
+        def done(self):
+            return True
+
+    class Stub:
+        def __init__(self, endpoint):
+            self.endpoint = endpoint
+
+        def Generate(self, req, timeout=None):
+            return Call([1, 2] if self.endpoint == "bad" else [7, 8, 9], self.endpoint == "bad")
+
+    class Placement:
+        policy, block_size = "round-robin", 16
+
+        def choose(self, ids, exclude=frozenset()):
+            return Decision(None, "good" if "bad" in exclude else "bad", self.policy, "test")
+
+        def on_request_start(self, *a): pass
+        def on_first_token(self, *a): pass
+        def on_request_end(self, *a): pass
+
+    fe = Frontend(FrontendConfig(model="m", model_dir="", retry_backoff=0.0), Placement())
+    fe.stub = Stub
+
+    async def run(visible_after_first: bool):
+        req = GenRequest("r", [1, 2, 3], SamplingParams(max_tokens=3))
+        out = []
+        async for d in fe.generate(req):
+            out.append(d)
+            if visible_after_first and d.token_ids:
+                req.visible = True
+        return out
+
+    deltas = asyncio.run(run(False))
+    assert [d.reset for d in deltas].count(True) == 1
+    after = deltas[[d.reset for d in deltas].index(True) + 1:]
+    assert [t for d in after for t in d.token_ids] == [7, 8, 9] and after[-1].finish_reason == "length"
+    from tandem.router.errors import UpstreamError
+    with pytest.raises(UpstreamError, match="after its first output"):
+        asyncio.run(run(True))

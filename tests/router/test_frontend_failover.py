@@ -82,7 +82,9 @@ def test_no_prefill_left_decode_prefills_itself(failover_cluster, offline):
 
 def test_decode_gone_is_503_with_retry_after(failover_cluster):
     c = failover_cluster
-    # two requests under way when the decode replica dies: past their first token, so no retry
+    # two requests under way when the decode replica dies, both past their first token: the
+    # streamed one has shown output (an error event ends it); the plain one has shown nothing, so
+    # the router retries it, and with no decode replica left answers 503
     host, port = c.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     long = {"prompt": "a long one", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
@@ -94,9 +96,9 @@ def test_decode_gone_is_503_with_retry_after(failover_cluster):
         plain = ex.submit(post, f"{c.url}/v1/completions", long)
         time.sleep(0.5)
         c.decode.kill()
-        status, _, body = plain.result(timeout=60)
-    assert status == 500 and body["error"]["type"] == "server_error", body
-    assert "after the first token" in body["error"]["message"]
+        status, headers, body = plain.result(timeout=60)
+    assert status == 503 and body["error"]["code"] == "no_replica", body
+    assert int(headers["Retry-After"]) >= 1
     events = sse_events(resp.read().decode())
     assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
     assert events[-2]["error"]["message"]
