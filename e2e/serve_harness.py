@@ -13,11 +13,12 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from tandem.serve.config import free_port as _free_port
 
 
 
@@ -38,9 +39,7 @@ def nixl_missing() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port("127.0.0.1")
 
 
 class ServeRun:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -188,8 +189,28 @@ def detect_gpus(device: str) -> list[str]:
     return ids
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port that is free now, chosen BELOW the kernel's ephemeral range.
+
+    A port handed out by binding to port 0 is released before the worker binds it, and in that
+    gap any process asking the kernel for an ephemeral port (a worker's TCP KV listener, UCX,
+    every outgoing connection) can receive it. Ports under the ephemeral range are never handed
+    out that way, so only another explicit choice can collide.
+    """
+    low = max(_ephemeral_low(), 12000)
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        if port_free(host, port):
+            return port
+    with socket.socket() as s:            # a crowded range: fall back to the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,15 @@ import urllib.request
 
 import grpc
 
+from tandem.serve.config import free_port as _free_port
+
 from tandem.proto import worker_pb2 as pb
 from tandem.proto import worker_pb2_grpc as pb_grpc
 from tandem.proto.convert import VERSION, params_to_proto
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port("127.0.0.1")
 
 
 class Managed:
