@@ -4,18 +4,13 @@ $KUBECONFIG, the liveness endpoint, SIGTERM -> clean exit. Against a kmock API s
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
 
 from kmock_cluster import Cluster, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tandem.serve.config import free_port
 
 
 def test_python_m_tandem_operator_serves() -> None:
