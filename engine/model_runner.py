@@ -110,8 +110,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + s.num_new
             if s.num_new == 1:
-                ids.append(seq.output_token_ids[-1] if start >= seq.prompt_len and start == seq.num_tokens - 1
-                           else seq.token_slice(start, end)[0])
+                ids.append(seq.token_slice(start, end)[0])
                 positions.append(start)
                 slots.append(seq.block_ids[start // bs] * 2 * bs + start % bs)
             else:

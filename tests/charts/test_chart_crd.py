@@ -13,7 +13,6 @@ checks those when the CRD is installed (e2e/kind).
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 from typing import Any, Iterator
@@ -22,6 +21,8 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+
+from tests.charts.crd_defaults import apply_defaults
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 CRD_PATH = os.path.join(ROOT, "charts", "tandem", "crds", "inferenceservices.tandem.dev.yaml")
@@ -50,16 +51,6 @@ def to_json_schema(node: Any) -> Any:
     if out.get("type") == "object" and "properties" in out:
         out["properties"] = {k: to_json_schema(v) for k, v in node["properties"].items()}
     return out
-
-
-def apply_defaults(node: dict, value: Any) -> Any:
-    if node.get("type") == "object" and isinstance(value, dict):
-        for key, sub in (node.get("properties") or {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = apply_defaults(sub, value[key])
-    return value
 
 
 def rules(node: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:

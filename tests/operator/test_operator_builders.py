@@ -17,6 +17,7 @@ import yaml
 from tandem.operator import cli, objects, pods, status
 from tandem.operator.reconcile import drifted
 from tandem.operator.spec import SpecError, parse_spec
+from tests.charts.crd_defaults import apply_defaults
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLES = os.path.join(ROOT, "charts", "tandem", "examples")
@@ -151,15 +152,6 @@ def test_defaults_match_the_crd() -> None:
     """Python defaults == CRD schema defaults (the API server applies the latter)."""
     with open(CRD) as f:
         schema = yaml.safe_load(f)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-
-    def apply_defaults(node: dict, value: object) -> object:
-        if node.get("type") == "object" and isinstance(value, dict):
-            for key, sub in (node.get("properties") or {}).items():
-                if key not in value and "default" in sub:
-                    value[key] = copy.deepcopy(sub["default"])
-                if key in value:
-                    value[key] = apply_defaults(sub, value[key])
-        return value
 
     bare = {"model": {"uri": "file:///m"}}
     server_side = apply_defaults(schema, copy.deepcopy(bare))
