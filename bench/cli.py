@@ -132,6 +132,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio,
                    help="random: draw input and output lengths uniformly from "
                         "[len*(1-r), len*(1+r)], 0 <= r < 1. Default: %(default)s")
+    g.add_argument("--random-output-range-ratio", type=float, default=None,
+                   help="random: a separate ratio for output lengths, e.g. input 2048-4096 with "
+                        "output 128-512. Default: --random-range-ratio")
     g.add_argument("--random-prefix-len", type=int, default=d.random_prefix_len,
                    help="random: tokens of one prefix shared by all prompts. Default: %(default)s")
     g.add_argument("--prefix-repetition-prefix-len", type=int,

@@ -51,6 +51,7 @@ class DatasetConfig:
     random_input_len: int = 1024
     random_output_len: int = 128
     random_range_ratio: float = 0.0
+    random_output_range_ratio: float | None = None  # None: random_range_ratio (vLLM has one ratio)
     random_prefix_len: int = 0
     prefix_repetition_prefix_len: int = 256
     prefix_repetition_suffix_len: int = 256
@@ -155,7 +156,8 @@ def random_dataset(cfg: DatasetConfig, tok: Tokenizer, seed: int = 0) -> list[Sa
     rng = np.random.default_rng(seed)
     sampler = TokenSampler(tok, rng)
     in_lens = _lens(rng, cfg.random_input_len, cfg.random_range_ratio, cfg.num_prompts)
-    out_lens = _lens(rng, cfg.random_output_len, cfg.random_range_ratio, cfg.num_prompts)
+    out_ratio = cfg.random_range_ratio if cfg.random_output_range_ratio is None else cfg.random_output_range_ratio
+    out_lens = _lens(rng, cfg.random_output_len, out_ratio, cfg.num_prompts)
     # One prefix shared by every request, as vLLM's --random-prefix-len.
     prefix = sampler.text(cfg.random_prefix_len)
     sizes = [(n, cfg.random_prefix_len + n) for n in in_lens.tolist()]

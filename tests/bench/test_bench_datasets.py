@@ -53,6 +53,12 @@ def test_random_dataset_lengths(tok):
     assert all(25 <= r.expected_output_len <= 75 for r in reqs)
     assert len({r.expected_output_len for r in reqs}) > 10  # lengths really vary
 
+    # the headline workload: input 2048-4096 but output 128-512 needs its own output ratio
+    cfg = DatasetConfig(name="random", num_prompts=60, random_input_len=100, random_range_ratio=0.5,
+                        random_output_len=50, random_output_range_ratio=0.9)
+    outs = [r.expected_output_len for r in sample_requests(cfg, tok, seed=3)]
+    assert all(4 <= n <= 96 for n in outs) and min(outs) < 25 and max(outs) > 75
+
 
 def test_random_dataset_seeded(tok):
     cfg = DatasetConfig(name="random", num_prompts=5, random_input_len=50)
