@@ -113,8 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None, help="also write the rows (with GB/s) to this file")
     args = ap.parse_args(argv)
-    print_table(run(args), args)
+    rows = run(args)
+    print_table(rows, args)
+    if args.json:
+        import json
+        for r in rows:
+            gb = r["mib"] * 2**20 / 1e9
+            r["gbps_best"] = gb / r["best"]
+            r["gbps_median"] = gb / r["median"] if r["median"] == r["median"] else None
+            r["median"] = r["median"] if r["median"] == r["median"] else None  # JSON has no NaN
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 

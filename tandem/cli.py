@@ -23,7 +23,7 @@ COMMANDS = {
 # subcommand -> (module with main(argv), help): tools that own their whole argument parsing
 DELEGATED = {
     "operator": ("tandem.operator.cli", "run the Kubernetes operator (kopf)"),
-    "bench": ("tandem.bench_cli", "benchmarks: `tandem bench engine` (offline), `tandem bench serve` (HTTP)"),
+    "bench": ("tandem.bench_cli", "benchmarks: `tandem bench engine` (offline), `tandem bench serve` (HTTP), `tandem bench headline` (end-to-end comparisons)"),
 }
 
 
