@@ -39,6 +39,7 @@ from tandem.proto import worker_pb2_grpc as pb_grpc
 from tandem.proto.convert import VERSION, logprob_from_proto, params_to_proto
 from tandem.router.errors import Overloaded, Unavailable, UpstreamError, UpstreamTimeout
 from tandem.router.types import Decision, Placement
+from tandem.router.replicas import CHANNEL_OPTIONS
 
 log = logging.getLogger("tandem.router")
 
@@ -174,8 +175,7 @@ class Frontend:
     def stub(self, endpoint: str) -> pb_grpc.DecodeWorkerStub:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.insecure_channel(
-                endpoint, options=[("grpc.max_receive_message_length", 64 << 20)])
+            ch = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         return pb_grpc.DecodeWorkerStub(ch)
 
     # ---- the context limit ---------------------------------------------------------------------------

@@ -84,9 +84,8 @@ class ReplicaPlacement:
             self.set_endpoints(pool, self.discovery.current(pool))
         await self.discovery.start()
         for pool in POOLS:
-            for m in self.monitors[pool].values():
-                if m._channel is None:
-                    await m.start()
+            for m in list(self.monitors[pool].values()):
+                await m.start()           # idempotent: set_endpoints may have scheduled it too
 
     async def stop(self) -> None:
         self._started = False

@@ -32,7 +32,13 @@ from tandem.router.types import Replica
 
 log = logging.getLogger("tandem.router.replicas")
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+# Workers take tens of seconds to load a model, and a restarted one is back in seconds: with
+# gRPC's default reconnect backoff (1 s growing 1.6x per failure, up to 120 s) a replica that
+# became ready could stay unused for 20 s or more. Cap the backoff at 2 s.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class ReplicaMonitor:
@@ -59,6 +65,8 @@ class ReplicaMonitor:
         self._warned: set[str] = set()
 
     async def start(self) -> None:
+        if self._tasks:
+            return        # already polling: a second start would double the KV-event stream
         self._channel = grpc.aio.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
         stub_cls = pb_grpc.PrefillWorkerStub if self.replica.pool == "prefill" else pb_grpc.DecodeWorkerStub
         self._stub = stub_cls(self._channel)

@@ -26,6 +26,7 @@ from tandem.proto import worker_pb2 as pb
 from tandem.proto import worker_pb2_grpc as pb_grpc
 from tandem.proto.convert import VERSION
 from tandem.router.types import Decision, NoReplicaError, Replica
+from tandem.router.replicas import CHANNEL_OPTIONS
 
 log = logging.getLogger("tandem.router.placement")
 
@@ -104,7 +105,7 @@ class SimplePlacement:
     async def _probe(self, r: Replica) -> None:
         ch = self._channels.get(r.endpoint)
         if ch is None:
-            ch = self._channels[r.endpoint] = grpc.aio.insecure_channel(r.endpoint)
+            ch = self._channels[r.endpoint] = grpc.aio.insecure_channel(r.endpoint, options=CHANNEL_OPTIONS)
         stub = (pb_grpc.PrefillWorkerStub if r.pool == "prefill" else pb_grpc.DecodeWorkerStub)(ch)
         try:
             info = await stub.Info(pb.InfoRequest(version=VERSION), timeout=max(1.0, self.interval))

@@ -160,3 +160,21 @@ def test_block_size_learned_from_workers():
         await wait_for(lambda: pl.choose(t).matched_tokens == 128, what="32-token matches")
         await shutdown(pl, p1, d)
     asyncio.run(main())
+
+
+def test_one_stream_per_replica():
+    """start() must start each monitor once: two live subscriptions to one worker feed the same
+    index slot, every batch then looks like a repeat of the last seq, and the index keeps
+    resubscribing (found on the first GPU run)."""
+    async def main():
+        (p1, p2), d, pl = await cluster(model="once")
+        await pl.start()
+        await pl.wait_ready(pools=("prefill", "decode"), exact=True)
+        hs = chain_hashes(prompt(64), BS)
+        for i in range(1, len(hs) + 1):
+            p1.store(hs[i - 1:i])
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: pl.index.match_endpoints(prompt(64)).get(p1.endpoint) == 64, what="events")
+        assert (p1.subscriptions, p2.subscriptions, d.subscriptions) == (1, 1, 1)
+        await shutdown(pl, p1, p2, d)
+    asyncio.run(main())
