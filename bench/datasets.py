@@ -94,8 +94,11 @@ class TokenSampler:
         vocab = [i for i in range(tokenizer.get_vocab_size(with_added_tokens=True))
                  if i not in added]
         texts = tokenizer.decode_batch([[i] for i in vocab], skip_special_tokens=True)
-        self.ids = np.array([i for i, t in zip(vocab, texts) if t and "\ufffd" not in t],
-                            dtype=np.int64)
+        keep = [(i, t) for i, t in zip(vocab, texts) if t and "\ufffd" not in t]
+        # ...and ids that encoding never produces (a text that re-encodes to other tokens, such
+        # as a generated test model's vocabulary fillers): they would make lengths drift.
+        enc = tokenizer.encode_batch([t for _, t in keep], add_special_tokens=False)
+        self.ids = np.array([i for (i, _), e in zip(keep, enc) if e.ids == [i]], dtype=np.int64)
         if len(self.ids) == 0:
             raise ValueError("tokenizer has no ordinary tokens to sample from")
 

@@ -114,6 +114,7 @@ class Deployment:
             time.sleep(1.0)
         self.workers = [Worker(r["name"], r["role"], r["host"], r["grpc_port"], r["http_port"], r["gpu"])
                         for r in rows if r["role"] != "router"]
+        self.wait_routed(self.url, t0 + self.ready_timeout)
         out(f"[deploy] {self.label} ready in {time.monotonic() - t0:.0f}s: " + ", ".join(
             f"{w.name}@gpu{w.gpu}" for w in self.workers))
         return self
@@ -136,7 +137,23 @@ class Deployment:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"router {policy} did not start (see {log.name})")
             time.sleep(0.5)
+        self.wait_routed(url, deadline)
         return url
+
+    def wait_routed(self, url: str, deadline: float) -> None:
+        """Until the router at ``url`` counts every worker healthy: its /ready needs only one
+        decode replica, and a run that starts before it sees the prefill pool would measure
+        decode workers prefilling for themselves."""
+        while True:
+            try:
+                healthy = scrape(url + "/metrics").get("tandem_router_replica_healthy", 0.0)
+            except OSError:
+                healthy = 0.0
+            if healthy >= len(self.workers):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router {url} sees {healthy:.0f} of {len(self.workers)} workers healthy")
+            time.sleep(0.2)
 
     def scrape(self, role: str, match: dict[str, str] | None = None) -> dict[str, float]:
         """Counters summed over every worker of ``role``."""

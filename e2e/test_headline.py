@@ -37,6 +37,7 @@ def test_pd_and_plots(tiny_model, tmp_path):
     # disaggregated: the prefill worker computed every prompt and shipped its KV; colocated: the
     # decode workers did, and nothing moved
     assert _prompt_tokens(dis, dis["engine"]["prefill"]["tandem_engine_computed_prompt_tokens_total"])
+    assert dis["engine"]["decode"]["tandem_engine_computed_prompt_tokens_total"] == 0   # router saw prefill
     assert dis["kv"]["tandem_kv_transfer_duration_seconds_count"] == 6
     assert dis["kv"]["tandem_kv_transfer_bytes_total"] > 0
     assert _prompt_tokens(col, col["engine"]["decode"]["tandem_engine_computed_prompt_tokens_total"])

@@ -109,6 +109,33 @@ def train_tokenizer(vocab_size: int, specials: list[str], bos: str | None, famil
     return tok
 
 
+def pad_vocab(tok, vocab: int):
+    """Give every id below ``vocab`` a token, so that whatever id a random model samples decodes
+    to text. The trained BPE stops at a few thousand tokens, while e.g. the Llama-3.1 shape has
+    128,256 ids: without this, almost every generated token decodes to nothing, no text streams
+    until the end, and serving benchmarks measure nonsense. The fillers (" ~" + base-36 id in the
+    byte-level alphabet) are never produced by encoding (no merge leads to them)."""
+    from tokenizers import Tokenizer
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n >= vocab:
+        return tok
+    data = json.loads(tok.to_str())
+    table = data["model"]["vocab"]
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+    def b36(i: int) -> str:
+        out = ""
+        while True:
+            i, r = divmod(i, 36)
+            out = digits[r] + out
+            if not i:
+                return out
+
+    for i in range(n, vocab):
+        table["\u0120~" + b36(i)] = i        # U+0120 is the byte-level alphabet's space
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def make_test_model(out: str | Path, arch: str = "llama", preset: str = "tiny", weights: bool = True,
                     shard_mb: int = 0, seed: int = 0, std: float | None = None, legacy_rope: bool = False,
                     rope: dict | None = None, **overrides) -> Path:
@@ -123,6 +150,7 @@ def make_test_model(out: str | Path, arch: str = "llama", preset: str = "tiny", 
     tok = train_tokenizer(min(shape.vocab, 4096), specials, "<|begin_of_text|>" if llama else None,
                           "llama" if llama else "qwen")
     vocab = max(shape.vocab, tok.get_vocab_size())
+    tok = pad_vocab(tok, vocab)
     tok.save(str(out / "tokenizer.json"))
     ids = {s: tok.token_to_id(s) for s in specials}
     bos = ids.get("<|begin_of_text|>")
