@@ -7,7 +7,8 @@ run. Everything lands in one JSON file, rewritten after every run, so a run cut 
 limit keeps what finished; `python -m tandem.bench.plots` turns it into PNGs and tables.
 
   pd       disaggregated (1 prefill + 1 decode) vs colocated (2 workers that prefill and decode
-           their own requests; same engine, same router) on a prompt-heavy random workload, swept
+           their own requests; same engine, same router), optionally disaggregated+overflow (the
+           router sends the prefill pool's overflow to the decode worker), on a prompt-heavy random workload, swept
            over request rates; goodput = requests/s meeting every SLO (--slo); per run also the
            KV bytes the prefill workers sent and their transfer times. With --kv-bench, the
            isolated NIXL transfer and a torch peer copy of one mean-sized prompt's KV first.
@@ -32,7 +33,7 @@ import time
 from datetime import datetime, timezone
 
 from tandem.bench.datasets import DatasetConfig
-from tandem.bench.deploy import Deployment, delta
+from tandem.bench.deploy import Deployment, delta, scrape
 from tandem.bench.metrics import parse_goodput
 from tandem.bench.runner import BenchmarkConfig, run_benchmark
 
@@ -149,13 +150,19 @@ def cmd_pd(args) -> int:
     worker = ["--prefill-arg=--load-format=random", "--decode-arg=--load-format=random",
               f"--prefill-arg=--max-model-len={args.max_model_len}",
               f"--decode-arg=--max-model-len={args.max_model_len}", "--dtype", args.dtype, *args.serve_arg]
-    layouts = {"disaggregated": (1, 1), "colocated": (0, 2)}
+    layouts = {"disaggregated": (1, 1, []), "colocated": (0, 2, []),
+               # conditional disaggregation: the decode worker takes the prefill pool's overflow
+               "disaggregated+overflow": (1, 1, [f"--router-arg=--max-prefill-queue-tokens={args.overflow_tokens}",
+                                                 f"--router-arg=--max-local-prefill-tokens={args.local_prefill_tokens}"])}
     for i, name in enumerate(args.configs.split(",")):
-        npre, ndec = layouts[name]
+        if name not in layouts:
+            raise SystemExit(f"--configs: unknown {name!r}; choose from {', '.join(layouts)}")
+        npre, ndec, router_args = layouts[name]
         # leave the later configurations an equal share of what is left
         share = clock.left() / (len(args.configs.split(",")) - i)
         t_cfg = time.monotonic()
-        with Deployment(name, args.model, npre, ndec, serve_args=worker, log_dir=args.log_dir) as dep:
+        with Deployment(name, args.model, npre, ndec, serve_args=worker + router_args,
+                        log_dir=args.log_dir) as dep:
             dep.start(out=log)
             warmup(dep.url, args.model, pd_dataset(args, 6))
             for rate in rates:
@@ -169,11 +176,13 @@ def cmd_pd(args) -> int:
                     continue
                 before = {r: dep.scrape(r) for r in ("prefill", "decode")}
                 kv0 = dep.scrape("prefill", {"direction": "send"}) if npre else {}
+                ovf0 = _overflowed(dep)
                 log(f"{name} rate {rate}: {n} requests")
                 d = load(dep.url, args.model, pd_dataset(args, n), rate, args.seed, slo, args.request_timeout)
                 d["config"], d["workers"] = name, {"prefill": npre, "decode": ndec}
                 d["engine"] = {r: {k: v for k, v in delta(dep.scrape(r), before[r]).items() if k in ENGINE}
                                for r in ("prefill", "decode")}
+                d["overflowed"] = _overflowed(dep) - ovf0    # requests the decode worker prefilled
                 if npre:
                     d["kv"] = {k: v for k, v in delta(dep.scrape("prefill", {"direction": "send"}), kv0).items()
                                if k in KV}
@@ -184,6 +193,11 @@ def cmd_pd(args) -> int:
                     f"TPOT p50 {d['median_tpot_ms']:.1f} ms, failed {d['failed']}")
     rec.save()
     return 0
+
+
+def _overflowed(dep: Deployment) -> float:
+    return scrape(dep.url + "/metrics", {"pool": "prefill", "reason": "prefill-queue-full"}).get(
+        "tandem_router_routing_decisions_total", 0.0)
 
 
 # ---- routing -------------------------------------------------------------------------------------
@@ -268,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--serve-arg", action="append", default=[], help="extra `tandem serve` flag")
     pd = sub.choices["pd"]
-    pd.add_argument("--configs", default="disaggregated,colocated")
+    pd.add_argument("--configs", default="disaggregated,colocated",
+                    help="comma list of disaggregated, colocated, disaggregated+overflow")
+    pd.add_argument("--overflow-tokens", type=int, default=16384, help="disaggregated+overflow: the "
+                    "router's --max-prefill-queue-tokens")
+    pd.add_argument("--local-prefill-tokens", type=int, default=8192, help="disaggregated+overflow: "
+                    "the router's --max-local-prefill-tokens")
     pd.add_argument("--rates", default="2,4,6,8", help="request rates (req/s), ascending")
     pd.add_argument("--window-s", type=float, default=20, help="seconds of arrivals per rate")
     pd.add_argument("--min-prompts", type=int, default=40)

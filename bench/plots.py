@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-COLORS = {"disaggregated": "tab:blue", "colocated": "tab:orange", "cache-aware": "tab:green",
+COLORS = {"disaggregated": "tab:blue", "disaggregated+overflow": "tab:cyan", "colocated": "tab:orange", "cache-aware": "tab:green",
           "round-robin": "tab:red", "least-load": "tab:purple"}
 
 
@@ -132,16 +132,17 @@ def plot_routing(rt: dict, out: str) -> list[str]:
 def md_pd(pd: dict) -> str:
     lines = [f"Device: {pd['device']}; date {pd['date_utc']} UTC; command: `{pd['command']}`", "",
              "| config | rate (req/s) | requests | SLO met | goodput (req/s) | throughput (req/s) | "
-             "output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | failed | preempted |",
+             "output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | failed | prefilled on decode |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_config(pd).items():
         for r in runs:
-            pre = sum(e.get("tandem_engine_preemptions_total", 0) for e in r["engine"].values())
+            local = ("all" if name == "colocated" else
+                     f"{r.get('overflowed', 0) / r['num_prompts']:.0%}" if "overflowed" in r else "-")
             lines.append(
                 f"| {name} | {r['request_rate']:g} | {r['num_prompts']} | {100 * r['slo_attainment']:.0f}% | "
                 f"{r['request_goodput']:.2f} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
                 f"{r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / "
-                f"{r['p99_tpot_ms']:.1f} | {r['failed']} | {pre:.0f} |")
+                f"{r['p99_tpot_ms']:.1f} | {r['failed']} | {local} |")
     h = headline_pd(pd)
     lines.append("")
     lines.append("Headline: " + ("no rate where either configuration met the SLO for 90% of requests"

@@ -57,7 +57,8 @@ class ReplicaPlacement:
     def __init__(self, discovery: Discovery | None = None, policy: str = "cache-aware",
                  weights: ScoreWeights | None = None, info_interval: float = 0.5,
                  approx_ttl: float = 120.0, block_size: int = 0, model: str = "tandem",
-                 info_timeout: float = 2.0):
+                 info_timeout: float = 2.0, max_prefill_queue_tokens: int = 0,
+                 max_local_prefill_tokens: int = 8192):
         self.discovery = discovery or StaticDiscovery()
         self.policy = policy
         self.weights = weights or ScoreWeights()
@@ -69,6 +70,11 @@ class ReplicaPlacement:
         self.info_interval = info_interval
         self.info_timeout = info_timeout
         self.model = model
+        # Conditional disaggregation: when the chosen prefill replica already has more than this
+        # many prompt tokens queued (0: never), a decode replica with fewer than
+        # max_local_prefill_tokens of its own prompts queued prefills the request itself.
+        self.max_prefill_queue_tokens = max_prefill_queue_tokens
+        self.max_local_prefill_tokens = max_local_prefill_tokens
         self.monitors: dict[str, dict[str, ReplicaMonitor]] = {p: {} for p in POOLS}
         self._flights: dict[int, _Flight] = {}
         self._started = False
@@ -201,6 +207,8 @@ class ReplicaPlacement:
         else:
             pc, prefill, p_reason, p_cached = None, None, "no-prefill-replica", 0
         dc = self._policy.choose_decode([Candidate(m.replica, blocks.get(m.slot, 0) * bs) for m in dec], n, bs)
+        if prefill is not None and self._overflow(prefill, dc.endpoint, n - dc.cached_tokens):
+            prefill, p_reason, p_cached = None, "prefill-queue-full", dc.cached_tokens
         self._count("prefill", p_reason)
         self._count("decode", dc.reason)
         decision = Decision(prefill=prefill, decode=dc.endpoint, policy=self.policy,
@@ -210,6 +218,19 @@ class ReplicaPlacement:
                                     "decode_reason": dc.reason})
         self._decision_hist.observe(time.perf_counter() - t0)
         return decision
+
+    def _overflow(self, prefill: str, decode: str, uncached: int) -> bool:
+        """Prefill on the decode replica instead? Only while the prefill replica is backed up
+        and the decode replica's own queue of prompts stays short: a decode step that also
+        prefills is slower for every sequence in it, so it takes overflow, not the base load."""
+        if not self.max_prefill_queue_tokens:
+            return False
+        p, d = self.monitors["prefill"].get(prefill), self.monitors["decode"].get(decode)
+        if p is None or d is None:
+            return False
+        if max(p.pending_tokens, p.replica.queued_prompt_tokens) <= self.max_prefill_queue_tokens:
+            return False
+        return d.pending_tokens + uncached <= self.max_local_prefill_tokens
 
     def _count(self, pool: str, reason: str) -> None:
         key = (pool, reason)
@@ -224,15 +245,19 @@ class ReplicaPlacement:
         return self.monitors["prefill"].get(endpoint) or self.monitors["decode"].get(endpoint)
 
     def on_request_start(self, decision: Decision, token_ids: list[int]) -> None:
-        pending = max(len(token_ids) - decision.matched_tokens, 0)
-        f = self._flights[id(decision)] = _Flight(decision.prefill, decision.decode,
-                                                  pending if decision.prefill else 0)
+        # prompt tokens someone must compute before the first token: the prefill replica, or
+        # (no prefill replica) the decode replica itself, beyond what it has cached
+        cached = decision.matched_tokens if decision.prefill else decision.decode_matched_tokens
+        pending = max(len(token_ids) - cached, 0)
+        f = self._flights[id(decision)] = _Flight(decision.prefill, decision.decode, pending)
         p, d = self._monitor(f.prefill), self._monitor(f.decode)
         if p is not None:
             p.replica.in_flight += 1
             p.pending_tokens += f.pending_tokens
         if d is not None:
             d.replica.in_flight += 1
+            if p is None:
+                d.pending_tokens += f.pending_tokens
         # approximate index: whoever computes the prompt caches it (a no-op for exact replicas)
         for m in (p, d):
             if m is not None and not m.replica.exact_index:
@@ -264,6 +289,8 @@ class ReplicaPlacement:
         if p is not None:
             p.replica.in_flight = max(p.replica.in_flight - 1, 0)
             p.pending_tokens = max(p.pending_tokens - f.pending_tokens, 0)
+        elif (d := self._monitor(f.decode)) is not None:
+            d.pending_tokens = max(d.pending_tokens - f.pending_tokens, 0)
 
 
 # ---- command line (the front end's `tandem router` adds these and calls build_placement) ----------
@@ -296,6 +323,13 @@ def add_placement_arguments(parser) -> None:
                    help="seconds a replica without a KV-event stream is assumed to cache a routed prompt")
     g.add_argument("--block-size", type=int, default=0,
                    help="KV block size the workers hash with (0: learn it from their Info)")
+    g.add_argument("--max-prefill-queue-tokens", type=int, default=0,
+                   help="conditional disaggregation: once the chosen prefill replica has more prompt "
+                        "tokens queued than this, a decode replica with room prefills the request "
+                        "itself (0: always use the prefill pool; try ~1 s of prefill work, e.g. 16384)")
+    g.add_argument("--max-local-prefill-tokens", type=int, default=8192,
+                   help="with --max-prefill-queue-tokens: the most prompt tokens one decode replica may "
+                        "have queued for its own prefill")
     w = parser.add_argument_group("cache-aware weights (score = w_prefix*cached - w_load*load, in tokens)")
     for name, default in ScoreWeights().__dict__.items():
         w.add_argument("--" + name.replace("_", "-"), type=float, default=default, dest=name,
@@ -331,4 +365,6 @@ def build_placement(args) -> ReplicaPlacement:
     model = getattr(args, "served_model_name", None) or "tandem"
     return ReplicaPlacement(build_discovery(args), policy=args.policy, weights=weights,
                             info_interval=args.info_interval, approx_ttl=args.approx_ttl,
-                            block_size=args.block_size, model=model, info_timeout=args.info_timeout)
+                            block_size=args.block_size, model=model, info_timeout=args.info_timeout,
+                            max_prefill_queue_tokens=args.max_prefill_queue_tokens,
+                            max_local_prefill_tokens=args.max_local_prefill_tokens)

@@ -178,3 +178,37 @@ def test_endpoints_join_and_leave():
     assert "p2:1" not in pl.index.slot_of and "p4:1" in pl.index.slot_of
     assert not rep(pl, "p4:1").healthy                 # new replicas wait for their first Info
     assert pl.choose(prompt(64)).prefill == "p1:1"
+
+
+@pytest.mark.parametrize("policy", ["cache-aware", "round-robin", "least-load"])
+def test_conditional_disaggregation_overflows_to_decode(policy):
+    """With --max-prefill-queue-tokens, a backed-up prefill pool sends prompts to be prefilled on
+    the decode replica, but only as much as that replica's own short queue allows; when the
+    prefill queue drains, prompts go back to the prefill pool."""
+    pl = make(policy, prefill=("p1:1",), decode=("d1:1",))
+    pl.max_prefill_queue_tokens, pl.max_local_prefill_tokens = 5000, 4096
+    t = prompt(3000, seed=5)
+    first = [pl.choose(prompt(3000, seed=i)) for i in range(2)]
+    for i, d in enumerate(first):               # 6000 tokens now queued on p1
+        assert d.prefill == "p1:1"
+        pl.on_request_start(d, prompt(3000, seed=i))
+    local = pl.choose(t)
+    assert (local.prefill, local.reason, local.decode) == (None, "prefill-queue-full", "d1:1")
+    pl.on_request_start(local, t)
+    # d1 holds 3000 queued prompt tokens of its own: another 3000 would pass 4096
+    assert pl.choose(prompt(3000, seed=9)).prefill == "p1:1"
+    pl.on_first_token(local)                    # the local prefill finished: room again
+    assert pl.choose(prompt(3000, seed=9)).prefill is None
+    for d in first:                             # the prefill pool drained
+        pl.on_first_token(d)
+    assert pl.choose(prompt(3000, seed=9)).prefill == "p1:1"
+    assert REGISTRY.get_sample_value("tandem_router_routing_decisions_total", {
+        "model": "t-" + policy, "pool": "prefill", "policy": policy, "reason": "prefill-queue-full"}) == 2
+
+
+def test_conditional_disaggregation_off_by_default():
+    pl = make(prefill=("p1:1",), decode=("d1:1",))
+    for i in range(20):
+        d = pl.choose(prompt(3000, seed=i))
+        assert d.prefill == "p1:1"
+        pl.on_request_start(d, prompt(3000, seed=i))
