@@ -80,14 +80,18 @@ class ModelRunner:
             return max(int(self.cfg.cpu_kv_cache_gib * (1 << 30)) // self.block_bytes, 2)
         m, c = self.model_cfg, self.cfg
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
+        # Our own footprint, not the device's: workers may share a GPU (each with its fraction of
+        # gpu_memory_utilization), and another process's memory must not count against ours.
+        # memory_reserved misses the CUDA context and library workspaces: ~0.5 GiB on Hopper.
+        used = torch.cuda.memory_reserved(self.device) + (1 << 29)
         item = torch.tensor([], dtype=self.dtype).element_size()
         # Peak activations of the largest prefill step, sampler temporaries, graphs, workspace.
         act = c.max_num_batched_tokens * (4 * m.intermediate_size + 6 * m.hidden_size
                                           + 2 * (m.q_size + 2 * m.kv_size)) * item
         sampler = c.max_num_seqs * m.vocab_size * 4 * 6
         reserve = act + sampler + (1 << 30)
-        budget = total * c.gpu_memory_utilization - used - reserve
+        # ...and never more than is actually free now (what others hold stays theirs)
+        budget = min(total * c.gpu_memory_utilization - used, free - (1 << 29)) - reserve
         n = int(budget // self.block_bytes)
         if n < 2:
             raise RuntimeError(
