@@ -32,6 +32,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import numpy as np
+
 from tandem.bench.datasets import DatasetConfig
 from tandem.bench.deploy import Deployment, delta, scrape
 from tandem.bench.metrics import parse_goodput
@@ -69,6 +71,9 @@ def load(url: str, model: str, dataset: DatasetConfig, rate: float, seed: int, s
                           label=f"{dataset.name}-{rate}")
     res = asyncio.run(run_benchmark(cfg))
     d = res.to_json()
+    # per-request token-gap tails instead of every gap (an ITL SLO is per request too)
+    d["itl_p99s"] = [float(np.percentile(o.itl, 99)) if o.itl else None for o in res.outputs]
+    d["itl_maxs"] = [max(o.itl) if o.itl else None for o in res.outputs]
     for k in ("itls", "errors"):
         d.pop(k, None)
     d["error_kinds"] = sorted({(o.error or "").split("\n")[0][:120] for o in res.outputs if o.error})

@@ -38,19 +38,27 @@ def by_config(pd: dict) -> dict[str, list[dict]]:
     return out
 
 
-def headline_pd(pd: dict, threshold: float = 0.9) -> dict | None:
-    """The issue's comparison point: the highest rate where either configuration meets the SLO
-    for >= threshold of requests, and the goodput ratio there."""
+def headline_pd(pd: dict, threshold: float = 0.9) -> list[dict]:
+    """The issue's comparison point, for each disaggregated configuration against colocated: the
+    highest rate both ran where either meets the SLO for >= threshold of requests, and the
+    goodput ratio there."""
     cfg = by_config(pd)
-    d, c = ({r["request_rate"]: r for r in cfg.get(k, [])} for k in ("disaggregated", "colocated"))
-    rates = sorted(set(d) & set(c))
-    ok = [x for x in rates if max(d[x]["slo_attainment"], c[x]["slo_attainment"]) >= threshold]
-    if not ok:
-        return None
-    x = max(ok)
-    gd, gc = d[x]["request_goodput"], c[x]["request_goodput"]
-    return {"rate": x, "disaggregated": gd, "colocated": gc,
-            "ratio": gd / gc if gc else float("inf")}
+    c = {r["request_rate"]: r for r in cfg.get("colocated", [])}
+    out = []
+    for name in cfg:
+        if name == "colocated":
+            continue
+        d = {r["request_rate"]: r for r in cfg[name]}
+        rates = sorted(set(d) & set(c))
+        ok = [x for x in rates if max(d[x]["slo_attainment"], c[x]["slo_attainment"]) >= threshold]
+        if not ok:
+            out.append({"config": name, "rate": None})
+            continue
+        x = max(ok)
+        gd, gc = d[x]["request_goodput"], c[x]["request_goodput"]
+        out.append({"config": name, "rate": x, "goodput": gd, "colocated": gc,
+                    "ratio": gd / gc if gc else float("inf")})
+    return out
 
 
 def kv_gbps(r: dict) -> tuple[float, float, float]:
@@ -62,7 +70,7 @@ def kv_gbps(r: dict) -> tuple[float, float, float]:
     return b / 1e9, (s / n * 1e3 if n else float("nan")), (b / s / 1e9 if s else float("nan"))
 
 
-def plot_pd(pd: dict, out: str) -> list[str]:
+def plot_pd(pd: dict, out: str, suffix: str = "") -> list[str]:
     plt = _plt()
     cfg = by_config(pd)
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -82,9 +90,10 @@ def plot_pd(pd: dict, out: str) -> list[str]:
     for a in ax:
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle(f"{pd['device']}, {pd['date_utc']} UTC: 1 prefill + 1 decode vs 2 colocated")
+    fig.suptitle(f"{pd['device']}, {pd['date_utc']} UTC: " + " vs ".join(
+        "2 colocated" if n == "colocated" else f"1 prefill + 1 decode ({n})" for n in cfg))
     fig.tight_layout()
-    p1 = os.path.join(out, "goodput_vs_rate.png")
+    p1 = os.path.join(out, f"goodput_vs_rate{suffix}.png")
     fig.savefig(p1, dpi=120)
     plt.close(fig)
 
@@ -101,7 +110,7 @@ def plot_pd(pd: dict, out: str) -> list[str]:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    p2 = os.path.join(out, "latency_vs_rate.png")
+    p2 = os.path.join(out, f"latency_vs_rate{suffix}.png")
     fig.savefig(p2, dpi=120)
     plt.close(fig)
     return [p1, p2]
@@ -132,24 +141,24 @@ def plot_routing(rt: dict, out: str) -> list[str]:
 def md_pd(pd: dict) -> str:
     lines = [f"Device: {pd['device']}; date {pd['date_utc']} UTC; command: `{pd['command']}`", "",
              "| config | rate (req/s) | requests | SLO met | goodput (req/s) | throughput (req/s) | "
-             "output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | failed | prefilled on decode |",
+             "output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | failed | prompt tokens computed on decode |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_config(pd).items():
         for r in runs:
-            local = ("all" if name == "colocated" else
-                     f"{r.get('overflowed', 0) / r['num_prompts']:.0%}" if "overflowed" in r else "-")
+            # prompt tokens the decode workers computed themselves, from their own counters
+            dec = r["engine"].get("decode", {}).get("tandem_engine_computed_prompt_tokens_total", 0)
+            local = f"{dec / max(sum(r['input_lens']), 1):.0%}"
             lines.append(
                 f"| {name} | {r['request_rate']:g} | {r['num_prompts']} | {100 * r['slo_attainment']:.0f}% | "
                 f"{r['request_goodput']:.2f} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
                 f"{r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / "
                 f"{r['p99_tpot_ms']:.1f} | {r['failed']} | {local} |")
-    h = headline_pd(pd)
     lines.append("")
-    lines.append("Headline: " + ("no rate where either configuration met the SLO for 90% of requests"
-                                 if h is None else
-                                 f"at {h['rate']:g} req/s (the highest rate where either met the SLO for "
-                                 f">= 90% of requests) goodput is {h['disaggregated']:.2f} disaggregated vs "
-                                 f"{h['colocated']:.2f} colocated = {h['ratio']:.2f}x"))
+    for h in headline_pd(pd):
+        lines.append(f"Headline, {h['config']} vs colocated: " + (
+            "no rate where either met the SLO for 90% of requests" if h["rate"] is None else
+            f"at {h['rate']:g} req/s (the highest rate where either met the SLO for >= 90% of "
+            f"requests) goodput is {h['goodput']:.2f} vs {h['colocated']:.2f} req/s = {h['ratio']:.2f}x"))
     kvr = [r for r in pd["runs"] if r.get("kv")]
     if kvr:
         lines += ["", "| rate (req/s) | KV GB sent | transfers | mean transfer (ms) | GB/s per transfer | "
@@ -201,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", help="result JSON of `headline routing`")
     ap.add_argument("--out", default="bench/plots", help="directory for the PNGs")
     ap.add_argument("--markdown", help="also write the tables to this file")
+    ap.add_argument("--suffix", default="", help="appended to the pd plots' file names")
     args = ap.parse_args(argv)
     if not (args.pd or args.routing):
         ap.error("give --pd and/or --routing")
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pd:
         with open(args.pd) as f:
             pd = json.load(f)
-        made += plot_pd(pd, args.out)
+        made += plot_pd(pd, args.out, args.suffix)
         text.append(md_pd(pd))
     if args.routing:
         with open(args.routing) as f:

@@ -46,7 +46,7 @@ def test_pd_and_plots(tiny_model, tmp_path):
     pngs = plots.plot_pd(pd, str(tmp_path))
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
     md = plots.md_pd(pd)
-    assert "| disaggregated | 4 | 6 |" in md and "Headline:" in md
+    assert "| disaggregated | 4 | 6 |" in md and "Headline, disaggregated vs colocated: at 4 req/s" in md
 
 
 def test_routing_records_reuse_per_policy(tiny_model, tmp_path):
