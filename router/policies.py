@@ -29,7 +29,9 @@ least-load: prefill by load(r) alone, decode by the load terms alone. round-robi
 Reasons (the ``reason`` label of tandem_router_routing_decisions): prefix-match (the winner holds
 the longest cached prefix), load-balance (load decided: someone else held more, or nobody held
 anything and loads differed), tie (top scores and loads equal: rotation decided), single-replica,
-round-robin, least-load, no-prefill-replica (Decision.prefill None: decode prefills itself).
+round-robin, least-load, no-prefill-replica (Decision.prefill None: decode prefills itself),
+prefill-queue-full (conditional disaggregation, ReplicaPlacement: the prefill replica was backed
+up, so the decode replica prefills this one).
 """
 
 from __future__ import annotations
