@@ -274,6 +274,13 @@ class KVSender(_Transfer):
         if not self._state.terminal:
             self._post_finish()
 
+    def writes_pending(self) -> bool:
+        """finish() was called and the completion notice waits only for posted writes to land,
+        which only this process's polling notices (nixl). A caller that can spare a few ms polls
+        again now rather than after its next long step. False where a backend thread sends the
+        notice by itself (tcp)."""
+        return False
+
     def _post_layers(self, layers: list[int], ready: ReadySignal) -> None:
         raise NotImplementedError
 

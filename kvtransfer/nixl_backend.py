@@ -164,6 +164,9 @@ class NixlSender(KVSender):
     def _post_finish(self) -> None:
         self._poll_backend()
 
+    def writes_pending(self) -> bool:
+        return self._finished and not self._done_sent and not self._state.terminal
+
     def _pump(self) -> None:
         """Post queued layers whose ready signal has fired, in order (events fire in order).
 
