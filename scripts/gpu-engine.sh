@@ -2,12 +2,7 @@
 # GPU checks for the engine, run on the device machine from the repo root:
 #   GPU tests (bf16 parity with transformers, flashinfer vs torch attention), then
 #   `tandem bench engine` on a Llama-3.1-8B-shaped random bf16 model. Results land in $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -c 'import torch, flashinfer, transformers; print("torch", torch.__version__, "flashinfer", flashinfer.__version__, "transformers", transformers.__version__)'
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -s -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log" | tail -25

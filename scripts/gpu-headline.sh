@@ -5,16 +5,7 @@
 # Needs .gpu/site.tgz (bash ../shared/gpu/bundle.sh) and the grpc health/reflection wheels in
 # .whl/. Results (JSON) and logs land in $OUT; make plots with `python -m tandem.bench.plots`.
 # Extra flags for the driver: PD_ARGS / ROUTING_ARGS.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-nvidia-smi topo -m | head -4 >> "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m tandem make-test-model /tmp/llama8b --preset llama-3.1-8b --no-weights >/dev/null
 LOGS=/tmp/tandem-bench-logs
 for what in "$@"; do

@@ -2,16 +2,7 @@
 # Two-GPU checks for disaggregation, run on the device machine from the repo root:
 # KV transfer GB/s vs a torch peer copy (same run), kvtransfer GPU tests, then TTFT of a 4k-token
 # prompt disaggregated (prefill GPU 0 -> decode GPU 1) vs colocated. Results land in $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-nvidia-smi topo -m | head -4 | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu-env.sh"
 if [ "${SKIP_XFER:-0}" != 1 ]; then
   python3 -m tandem.kvtransfer.bench --backend nixl --device cuda --src-gpu 0 --dst-gpu 1 ${XFER_ARGS:-} 2>&1 | tee "$OUT/kv-bench.log" | grep -v "NIXL INFO" | tail -15
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/kvtransfer 2>&1 | tail -3
