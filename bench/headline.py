@@ -72,8 +72,10 @@ def load(url: str, model: str, dataset: DatasetConfig, rate: float, seed: int, s
     res = asyncio.run(run_benchmark(cfg))
     d = res.to_json()
     # per-request token-gap tails instead of every gap (an ITL SLO is per request too)
-    d["itl_p99s"] = [float(np.percentile(o.itl, 99)) if o.itl else None for o in res.outputs]
-    d["itl_maxs"] = [max(o.itl) if o.itl else None for o in res.outputs]
+    # (a request whose text came in one chunk had no gap: 0)
+    d["itl_p99s"] = [float(np.percentile(o.itl, 99)) if o.itl else 0.0 if o.success else None
+                     for o in res.outputs]
+    d["itl_maxs"] = [max(o.itl) if o.itl else 0.0 if o.success else None for o in res.outputs]
     for k in ("itls", "errors"):
         d.pop(k, None)
     d["error_kinds"] = sorted({(o.error or "").split("\n")[0][:120] for o in res.outputs if o.error})

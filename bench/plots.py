@@ -61,6 +61,19 @@ def headline_pd(pd: dict, threshold: float = 0.9) -> list[dict]:
     return out
 
 
+def itl_attainment(r: dict, itl_ms: float) -> float | None:
+    """Share of sent requests within the run's TTFT SLO whose own p99 gap between tokens is at
+    most ``itl_ms`` (a streaming-smoothness SLO; vLLM's goodput has none). None for results
+    without per-request ITL tails."""
+    tails = r.get("itl_p99s")
+    if tails is None:
+        return None
+    ttft_ms = (r.get("goodput_config") or {}).get("ttft", float("inf"))
+    ok = sum(1 for t, i, e in zip(r["ttfts"], tails, r["latencies"])
+             if e > 0 and t * 1e3 <= ttft_ms and i is not None and i * 1e3 <= itl_ms)
+    return ok / max(r["num_prompts"], 1)
+
+
 def kv_gbps(r: dict) -> tuple[float, float, float]:
     """(GB moved, mean ms per request transfer, GB/s per request) from a run's sender counters."""
     kv = r.get("kv") or {}
@@ -138,7 +151,7 @@ def plot_routing(rt: dict, out: str) -> list[str]:
     return [p]
 
 
-def md_pd(pd: dict) -> str:
+def md_pd(pd: dict, itl_ms: float = 100.0) -> str:
     lines = [f"Device: {pd['device']}; date {pd['date_utc']} UTC; command: `{pd['command']}`", "",
              "| config | rate (req/s) | requests | SLO met | goodput (req/s) | throughput (req/s) | "
              "output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | failed | prompt tokens computed on decode |",
@@ -159,6 +172,13 @@ def md_pd(pd: dict) -> str:
             "no rate where either met the SLO for 90% of requests" if h["rate"] is None else
             f"at {h['rate']:g} req/s (the highest rate where either met the SLO for >= 90% of "
             f"requests) goodput is {h['goodput']:.2f} vs {h['colocated']:.2f} req/s = {h['ratio']:.2f}x"))
+    if any("itl_p99s" in r for r in pd["runs"]):
+        lines += ["", f"Streaming SLO (TTFT as above and each request's p99 token gap <= {itl_ms:g} ms):", "",
+                  "| config | rate (req/s) | requests meeting it |", "|---|---|---|"]
+        for name, runs in by_config(pd).items():
+            for r in runs:
+                a = itl_attainment(r, itl_ms)
+                lines.append(f"| {name} | {r['request_rate']:g} | {'-' if a is None else f'{a:.0%}'} |")
     kvr = [r for r in pd["runs"] if r.get("kv")]
     if kvr:
         lines += ["", "| rate (req/s) | KV GB sent | transfers | mean transfer (ms) | GB/s per transfer | "
@@ -211,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/plots", help="directory for the PNGs")
     ap.add_argument("--markdown", help="also write the tables to this file")
     ap.add_argument("--suffix", default="", help="appended to the pd plots' file names")
+    ap.add_argument("--itl-slo-ms", type=float, default=100.0,
+                    help="p99 token-gap bound of the streaming SLO table (results with per-request ITL tails)")
     args = ap.parse_args(argv)
     if not (args.pd or args.routing):
         ap.error("give --pd and/or --routing")
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.pd) as f:
             pd = json.load(f)
         made += plot_pd(pd, args.out, args.suffix)
-        text.append(md_pd(pd))
+        text.append(md_pd(pd, args.itl_slo_ms))
     if args.routing:
         with open(args.routing) as f:
             rt = json.load(f)

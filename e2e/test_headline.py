@@ -47,6 +47,12 @@ def test_pd_and_plots(tiny_model, tmp_path):
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
     md = plots.md_pd(pd)
     assert "| disaggregated | 4 | 6 |" in md and "Headline, disaggregated vs colocated: at 4 req/s" in md
+    assert all(len(r["itl_p99s"]) == 6 for r in runs.values())
+    # every token gap of a tiny CPU model is far below an hour: all requests meet the ITL SLO
+    # exactly when they meet the TTFT SLO
+    for r in runs.values():
+        assert plots.itl_attainment(r, 3.6e6) == sum(t <= 1.0 for t in r["ttfts"]) / 6
+    assert "Streaming SLO" in md
 
 
 def test_routing_records_reuse_per_policy(tiny_model, tmp_path):
