@@ -8,7 +8,9 @@ Data flow:
   * `choose(token_ids, exclude)`: candidates = healthy replicas not in ``exclude``; one index walk
     over the prompt's chained hashes (restricted to the candidates) gives each one's cached
     prefix; the policy picks a prefill replica (none healthy: ``prefill=None``, the decode
-    replica prefills itself) and a decode replica (none: `NoReplicaError`).
+    replica prefills itself) and a decode replica (none: `NoReplicaError`). With
+    ``max_prefill_queue_tokens`` a backed-up prefill replica's request may go to the decode
+    replica instead (`_overflow`, conditional disaggregation).
   * `on_request_start` / `on_first_token` / `on_request_end`: the router's own load accounting
     (in-flight requests, prompt tokens sent and not yet prefilled), fresher than the Info polls;
     and, for replicas whose event stream is down, routing history for the approximate index.
@@ -324,9 +326,10 @@ def add_placement_arguments(parser) -> None:
     g.add_argument("--block-size", type=int, default=0,
                    help="KV block size the workers hash with (0: learn it from their Info)")
     g.add_argument("--max-prefill-queue-tokens", type=int, default=0,
-                   help="conditional disaggregation: once the chosen prefill replica has more prompt "
-                        "tokens queued than this, a decode replica with room prefills the request "
-                        "itself (0: always use the prefill pool; try ~1 s of prefill work, e.g. 16384)")
+                   help="conditional disaggregation (experimental): once the chosen prefill replica "
+                        "has more prompt tokens queued than this, a decode replica with room prefills "
+                        "the request itself (0, the default: always use the prefill pool). On 2x H200 "
+                        "with 16384 it raised TPOT more than it saved TTFT (bench/RESULTS.md)")
     g.add_argument("--max-local-prefill-tokens", type=int, default=8192,
                    help="with --max-prefill-queue-tokens: the most prompt tokens one decode replica may "
                         "have queued for its own prefill")
