@@ -3,9 +3,9 @@ read its workers' Prometheus counters.
 
 Data flow: `Deployment.start()` runs `python -m tandem serve ...` (its own process group, its
 logs in ``log_dir``) with a status file, and waits until every process in that file is "ready"
-and the router answers /ready. `scrape()` reads every worker's /metrics into
-{sample name: value summed over the label sets that match}, so a benchmark takes a snapshot
-before and after a run and subtracts. `add_router()` starts one more `tandem router` in front
+and the router answers /ready. `snapshot()` reads every worker's /metrics into
+{worker: {sample name: value summed over label sets}}, so a benchmark takes one before and after
+a run and subtracts (`since`), summing per role where it wants pool totals (`by_role`). `add_router()` starts one more `tandem router` in front
 of the same workers (another placement policy over the same caches). `stop()` ends everything.
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.serve.config import free_port
+from tandem.serve.procs import http_ok
 
 
 @dataclass
@@ -39,14 +40,6 @@ class Worker:
         return f"{self.host}:{self.grpc_port}"
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def scrape(url: str, match: dict[str, str] | None = None) -> dict[str, float]:
     """{sample name: sum over label sets} of one /metrics page; ``match`` keeps only samples
     whose labels include these values (e.g. direction=send)."""
@@ -61,8 +54,11 @@ def scrape(url: str, match: dict[str, str] | None = None) -> dict[str, float]:
     return out
 
 
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+def since(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+          keep: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per-worker increase of the samples named in ``keep`` between two `Deployment.snapshot`s."""
+    return {w: {k: v - before[w].get(k, 0.0) for k, v in c.items() if k in keep}
+            for w, c in after.items()}
 
 
 @dataclass
@@ -155,18 +151,18 @@ class Deployment:
                 raise TimeoutError(f"router {url} sees {healthy:.0f} of {len(self.workers)} workers healthy")
             time.sleep(0.2)
 
-    def scrape(self, role: str, match: dict[str, str] | None = None) -> dict[str, float]:
-        """Counters summed over every worker of ``role``."""
-        total: dict[str, float] = {}
-        for w in self.workers:
-            if w.role == role:
-                for k, v in scrape(f"http://{w.host}:{w.http_port}/metrics", match).items():
-                    total[k] = total.get(k, 0.0) + v
-        return total
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Every worker's counters now, one scrape each: {worker name: {sample: value}}."""
+        return {w.name: scrape(f"http://{w.host}:{w.http_port}/metrics") for w in self.workers}
 
-    def scrape_worker(self, name: str, match: dict[str, str] | None = None) -> dict[str, float]:
-        w = next(w for w in self.workers if w.name == name)
-        return scrape(f"http://{w.host}:{w.http_port}/metrics", match)
+    def by_role(self, per_worker: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Per-worker values summed per role (both roles present, empty where none run)."""
+        out: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+        for w in self.workers:
+            tot = out[w.role]
+            for k, v in per_worker.get(w.name, {}).items():
+                tot[k] = tot.get(k, 0.0) + v
+        return out
 
     def stop(self) -> None:
         for p in reversed(self._procs):

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from tandem.bench.datasets import DatasetConfig
-from tandem.bench.deploy import Deployment, delta, scrape
+from tandem.bench.deploy import Deployment, scrape, since
 from tandem.bench.metrics import parse_goodput
 from tandem.bench.runner import BenchmarkConfig, run_benchmark
 
@@ -125,6 +125,13 @@ class Clock:
 
 # ---- pd ------------------------------------------------------------------------------------------
 
+def worker_flags(args) -> list[str]:
+    """`tandem serve` flags every deployment of a comparison shares."""
+    return ["--prefill-arg=--load-format=random", "--decode-arg=--load-format=random",
+            f"--prefill-arg=--max-model-len={args.max_model_len}",
+            f"--decode-arg=--max-model-len={args.max_model_len}", "--dtype", args.dtype, *args.serve_arg]
+
+
 def pd_dataset(args, n: int) -> DatasetConfig:
     return DatasetConfig(name="random", num_prompts=n, random_input_len=args.input_len,
                          random_range_ratio=args.input_ratio, random_output_len=args.output_len,
@@ -154,9 +161,7 @@ def cmd_pd(args) -> int:
     if args.kv_bench:
         kv_bench(args, rec)
         rec.save()
-    worker = ["--prefill-arg=--load-format=random", "--decode-arg=--load-format=random",
-              f"--prefill-arg=--max-model-len={args.max_model_len}",
-              f"--decode-arg=--max-model-len={args.max_model_len}", "--dtype", args.dtype, *args.serve_arg]
+    worker = worker_flags(args)
     layouts = {"disaggregated": (1, 1, []), "colocated": (0, 2, []),
                # conditional disaggregation: the decode worker takes the prefill pool's overflow
                "disaggregated+overflow": (1, 1, [f"--router-arg=--max-prefill-queue-tokens={args.overflow_tokens}",
@@ -181,18 +186,15 @@ def cmd_pd(args) -> int:
                                                 "why": f"time budget ({share:.0f}s for this config)"})
                     log(f"{name} rate {rate}: skipped (time budget)")
                     continue
-                before = {r: dep.scrape(r) for r in ("prefill", "decode")}
-                kv0 = dep.scrape("prefill", {"direction": "send"}) if npre else {}
-                ovf0 = _overflowed(dep)
+                before, ovf0 = dep.snapshot(), _overflowed(dep)
                 log(f"{name} rate {rate}: {n} requests")
                 d = load(dep.url, args.model, pd_dataset(args, n), rate, args.seed, slo, args.request_timeout)
                 d["config"], d["workers"] = name, {"prefill": npre, "decode": ndec}
-                d["engine"] = {r: {k: v for k, v in delta(dep.scrape(r), before[r]).items() if k in ENGINE}
-                               for r in ("prefill", "decode")}
+                after = dep.snapshot()
+                d["engine"] = dep.by_role(since(before, after, ENGINE))
                 d["overflowed"] = _overflowed(dep) - ovf0    # requests the decode worker prefilled
-                if npre:
-                    d["kv"] = {k: v for k, v in delta(dep.scrape("prefill", {"direction": "send"}), kv0).items()
-                               if k in KV}
+                if npre:    # prefill workers only send KV, so their counters are the send side
+                    d["kv"] = dep.by_role(since(before, after, KV))["prefill"]
                 rec.data["runs"].append(d)
                 rec.save()
                 log(f"{name} rate {rate}: goodput {d['request_goodput']:.2f} req/s, SLO met "
@@ -212,9 +214,7 @@ def _overflowed(dep: Deployment) -> float:
 def cmd_routing(args) -> int:
     rec, clock = Recorder(args.out, "routing", args), Clock(args.budget_s)
     policies = args.policies.split(",")
-    base = ["--prefill-arg=--load-format=random", "--decode-arg=--load-format=random",
-            f"--prefill-arg=--max-model-len={args.max_model_len}",
-            f"--decode-arg=--max-model-len={args.max_model_len}", "--dtype", args.dtype, *args.serve_arg]
+    base = worker_flags(args)
     scenarios = [("default", [])] + [_scenario(s) for s in args.scenario]
     ds = DatasetConfig(name="generated-shared-prefix", gsp_num_groups=args.groups,
                        gsp_prompts_per_group=args.prompts_per_group,
@@ -239,15 +239,13 @@ def cmd_routing(args) -> int:
                 for pi, policy in enumerate(policies):
                     # a fresh seed per run: new system prompts, so no run reuses another's cache
                     seed = args.seed + 100 * si + 10 * ri + pi
-                    before = {r: dep.scrape(r) for r in ("prefill", "decode")}
-                    per0 = {w.name: dep.scrape_worker(w.name) for w in dep.workers if w.role == "prefill"}
+                    before = dep.snapshot()
                     log(f"routing {sname}: {policy}, {n} requests at {rate:g} req/s (seed {seed})")
                     d = load(urls[policy], args.model, ds, rate, seed, {}, args.request_timeout)
                     d["policy"], d["scenario"], d["scenario_flags"] = policy, sname, extra
-                    d["engine"] = {r: {k: v for k, v in delta(dep.scrape(r), before[r]).items() if k in ENGINE}
-                                   for r in ("prefill", "decode")}
-                    d["per_worker"] = {w: {k: v for k, v in delta(dep.scrape_worker(w), per0[w]).items()
-                                           if k in ENGINE} for w in per0}
+                    per = since(before, dep.snapshot(), ENGINE)
+                    d["engine"] = dep.by_role(per)
+                    d["per_worker"] = {w.name: per[w.name] for w in dep.workers if w.role == "prefill"}
                     rec.data["runs"].append(d)
                     rec.save()
                     e = d["engine"]["prefill"]

@@ -22,15 +22,16 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timezone
 
 import grpc
 
+from tandem.bench.deploy import scrape as metrics_page
 from tandem.engine.sampling import SamplingParams
 from tandem.proto import worker_pb2 as pb
 from tandem.proto import worker_pb2_grpc as pb_grpc
 from tandem.proto.convert import VERSION, params_to_proto
+from tandem.serve.procs import http_ok
 
 
 def start(role, args, device, grpc_port, http_port, extra=()):
@@ -52,12 +53,9 @@ def wait_ready(port, proc, timeout=600):
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+        if http_ok(f"http://127.0.0.1:{port}/ready"):
+            return
+        time.sleep(0.5)
     raise TimeoutError("worker not ready")
 
 
@@ -75,10 +73,7 @@ def ttft(stub, ids, prefill_endpoint, max_tokens):
 
 
 def scrape(port, name):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-               if l.startswith(name) and 'direction="recv"' in l)
+    return metrics_page(f"http://127.0.0.1:{port}/metrics", {"direction": "recv"}).get(name, 0.0)
 
 
 def main(argv=None) -> int:
